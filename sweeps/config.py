@@ -1,0 +1,125 @@
+"""The sweep's typed configuration and its command line, generated from the dataclasses.
+
+Precedence: defaults < `--config file.yaml` < flags. Unknown YAML keys are an error, not ignored;
+the resolved config is printed, saved with the sweep and logged to MLflow.
+"""
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from trainers.config import TrainConfig
+
+
+def _f(default, help: str, **kwargs):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class SweepConfig:
+    name: str = _f("dpo-beta", "sweep name: the MLflow parent run is 'sweep:<name>'")
+    betas: list[float] = _f([0.05, 0.2, 0.8], "beta values to sweep (one trial per beta x lr)")
+    lrs: list[float] = _f([5e-4], "learning rates to sweep")
+    sft_steps: int = _f(60, "steps of the shared SFT warm-up on chosen responses (0: start DPO from `model`)")
+    sft_lr: float = _f(1e-3, "learning rate of the SFT warm-up")
+    tracking_uri: str | None = _f(None, "MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db; http://host:5000 for a server)")
+    experiment_name: str = _f("probesweep", "MLflow experiment")
+    storage_path: str | None = _f(None, "where checkpoints, probe sets and final models go (default: ./probesweep_runs)")
+    address: str | None = _f(None, "Ray cluster to join ('auto' or host:port); default: a fresh local Ray")
+    num_cpus: int | None = _f(None, "CPUs of the local Ray instance (default: all cores)")
+    max_concurrent_trials: int = _f(3, "trials running at once")
+    max_failures: int = _f(1, "retries of a failed trial (from its last checkpoint) before giving up")
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def resolved_storage_path(self) -> str:
+        if self.storage_path and "://" in self.storage_path:
+            return self.storage_path
+        return str(Path(self.storage_path or "probesweep_runs").resolve())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _scalar_type(annotation):
+    """int | None -> int; list[float] -> float (with nargs); bool stays bool."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _scalar_type(args[0])
+    return annotation
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls, group_title: str) -> None:
+    group = parser.add_argument_group(group_title)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name == "train":
+            continue
+        annotation = _scalar_type(hints[f.name])
+        default = f.default if f.default is not MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if typing.get_origin(annotation) is list:
+            kwargs.update(nargs="+", type=typing.get_args(annotation)[0], metavar="V")
+        elif annotation is bool:
+            kwargs.update(type=_bool, metavar="BOOL")
+        else:
+            kwargs.update(type=annotation)
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+        group.add_argument(flag, **kwargs)
+
+
+def build_parser(description: str, defaults: SweepConfig | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=None, help="YAML file of any of the options below (flags win)")
+    _add_fields(parser, SweepConfig, "sweep")
+    _add_fields(parser, TrainConfig, "training (every trial)")
+    return parser
+
+
+def _apply(config: SweepConfig, values: dict, origin: str) -> SweepConfig:
+    sweep_keys = {f.name for f in fields(SweepConfig)} - {"train"}
+    train_keys = {f.name for f in fields(TrainConfig)}
+    nested = values.pop("train", None) or {}
+    unknown = sorted((set(values) - sweep_keys - train_keys) | (set(nested) - train_keys))
+    if unknown:
+        raise ValueError(f"{origin}: unknown option(s) {unknown}; see --help for the valid names")
+    sweep_values = {k: v for k, v in values.items() if k in sweep_keys}
+    train_values = {**config.train.to_dict(), **nested, **{k: v for k, v in values.items() if k in train_keys}}
+    merged = {**{f.name: getattr(config, f.name) for f in fields(SweepConfig) if f.name != "train"}, **sweep_values}
+    return SweepConfig(**merged, train=TrainConfig(**train_values))
+
+
+def parse_config(argv: list[str] | None, description: str, defaults: SweepConfig | None = None) -> SweepConfig:
+    """Defaults (the entry point's own), then the YAML file, then flags."""
+    parser = build_parser(description)
+    args = vars(parser.parse_args(argv))
+    config = defaults or SweepConfig()
+    config_file = args.pop("config")
+    try:
+        if config_file is not None:
+            loaded = yaml.safe_load(config_file.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{config_file}: expected a mapping of option names to values")
+            config = _apply(config, loaded, str(config_file))
+        return _apply(config, args, "command line")
+    except (ValueError, TypeError) as error:
+        parser.error(str(error))

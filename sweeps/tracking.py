@@ -1,0 +1,144 @@
+"""The one module that talks to MLflow.
+
+Runs are addressed by id through `MlflowClient` (no global "active run"), because the parent run
+lives in the sweep driver while each trial's child run is written from the Ray Train controller
+of that trial — different processes, possibly different machines.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import mlflow
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+_KEY_UNSAFE = re.compile(r"[^0-9A-Za-z_\-. /:]")
+_MAX_PARAM_CHARS = 6000
+SECRET_MARKERS = ("api_key", "apikey", "token", "secret", "password")
+
+
+def default_tracking_uri(directory: str | Path = ".") -> str:
+    """An absolute SQLite URI: Ray workers change directory, so a relative one would scatter stores."""
+    return f"sqlite:///{Path(directory).resolve() / 'mlflow.db'}"
+
+
+def clean_key(key: str) -> str:
+    return _KEY_UNSAFE.sub("_", key)
+
+
+def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten a nested config into string params; drop anything that looks like a secret."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if any(marker in name.lower() for marker in SECRET_MARKERS):
+            continue
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        else:
+            text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+            flat[clean_key(name)] = text[:_MAX_PARAM_CHARS]
+    return flat
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str):
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    def check_reachable(self) -> None:
+        """Fail before any training if the store cannot be used."""
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception as error:  # noqa: BLE001 - any failure here means the same thing to the user
+            raise RuntimeError(f"MLflow tracking store {self.tracking_uri!r} is not reachable: {error}") from error
+
+    def experiment_id(self, name: str) -> str:
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        artifact_location = None
+        if self.tracking_uri.startswith("sqlite:///"):
+            db_path = Path(self.tracking_uri[len("sqlite:///"):])
+            artifact_location = (db_path.parent / "mlartifacts").as_uri()
+        return self.client.create_experiment(name, artifact_location=artifact_location)
+
+    def start_run(self, experiment_id: str, run_name: str, params: Mapping[str, Any] | None = None,
+                  tags: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> str:
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        if params:
+            self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        items = [Param(k, v) for k, v in flatten_params(params).items()]
+        for start in range(0, len(items), 100):  # MLflow caps params per batch at 100
+            self.client.log_batch(run_id, params=items[start:start + 100])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+        """All of a step's metrics in one call (one write under SQLite contention)."""
+        now = int(time.time() * 1000)
+        batch = [Metric(clean_key(k), float(v), now, int(step)) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        for start in range(0, len(batch), 1000):
+            self.client.log_batch(run_id, metrics=batch[start:start + 1000])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
+        self.client.log_figure(run_id, figure, artifact_file)
+
+    def log_dataframe(self, run_id: str, frame, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            frame.to_csv(path, index=False)
+            parent = str(Path(artifact_file).parent)
+            self.log_artifact(run_id, path, None if parent == "." else parent)
+
+    def end_run(self, run_id: str, failed: bool = False) -> None:
+        status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
+        self.client.set_terminated(run_id, status=status)
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, key))
+
+    def child_runs(self, experiment_id: str, parent_run_id: str) -> list:
+        return self.client.search_runs(
+            [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=1000
+        )
+
+    def run(self, run_id: str):
+        return self.client.get_run(run_id)
+
+
+def mlflow_ui_command(tracking_uri: str) -> str:
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def configure_quiet_logging() -> None:
+    """MLflow prints a line per created run and store migration; keep progress output readable."""
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+__all__ = ["Tracker", "default_tracking_uri", "flatten_params", "mlflow_ui_command", "configure_quiet_logging", "mlflow"]

@@ -1,0 +1,128 @@
+"""The Tune trial: a thin shell that builds one Ray Train `TorchTrainer` and its MLflow child run.
+
+Ray Train V2 cannot be nested in a Tuner directly, so each trial is a function trainable that
+fits a TorchTrainer; worker reports reach Tune through `TuneReportCallback` and MLflow through
+`MlflowReportCallback`, both running on the trial's Train controller.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from ray import tune
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.train.v2.api.callback import UserCallback
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from probes.plots import plot_category_curves
+from sweeps.tracking import Tracker
+from trainers.config import TrainConfig
+from trainers.train_loop import PRIVATE_PREFIX, train_loop_per_worker
+
+SEARCHED_KEYS = ("beta", "lr", "loss", "seed", "model")
+
+
+def public_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if not k.startswith(PRIVATE_PREFIX)}
+
+
+class TuneForwardCallback(TuneReportCallback):
+    """Forward rank 0's scalar metrics to Tune; per-example records stay out of Tune's results."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        super().after_report(run_context, [public_metrics(m) for m in metrics], checkpoint)
+
+
+class MlflowReportCallback(UserCallback):
+    """Writes each report of rank 0 to the trial's MLflow child run (one `log_batch` per step).
+
+    Steps already in the run (a trial restarted from an older checkpoint repeats them) are not
+    logged again, so every curve has exactly one point per step.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self._tracker: Tracker | None = None
+        self._last_logged_step: int | None = None
+
+    def _last_step(self, tracker: Tracker) -> int:
+        steps = [s for key in ("train/loss", "logp/chosen") for s, _ in tracker.metric_history(self.run_id, key)]
+        return max(steps, default=-1)
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if self._tracker is None:
+            self._tracker = Tracker(self.tracking_uri)
+            self._last_logged_step = self._last_step(self._tracker)
+        report = metrics[0]
+        step = int(report["step"])
+        if step <= self._last_logged_step:
+            return
+        tracker = self._tracker
+        tracker.log_metrics(self.run_id, {k: v for k, v in public_metrics(report).items() if k != "step"}, step)
+        records = report.get(PRIVATE_PREFIX + "probe_records")
+        if records:
+            tracker.log_dataframe(self.run_id, pd.DataFrame(records), f"logps/step_{step:06d}.csv")
+        if PRIVATE_PREFIX + "data" in report:
+            tracker.set_tags(self.run_id, {f"data.{k}": v for k, v in report[PRIVATE_PREFIX + "data"].items()})
+        if PRIVATE_PREFIX + "final_model_dir" in report:
+            tracker.set_tags(self.run_id, {"checkpoint_dir": report[PRIVATE_PREFIX + "final_model_dir"]})
+        self._last_logged_step = step
+
+
+def trial_run_name(train: dict, searched: dict) -> str:
+    parts = [f"{k}={searched[k]}" for k in SEARCHED_KEYS if k in searched]
+    return " ".join(parts) or train["loss"]
+
+
+def category_curves(tracker: Tracker, run_id: str, categories: list[str]) -> dict[str, list[tuple[int, float]]]:
+    return {c: tracker.metric_history(run_id, f"logp/{c}") for c in categories}
+
+
+def run_trial(trial_config: dict) -> None:
+    """Tune function trainable: one MLflow child run, one TorchTrainer fit."""
+    ctx = trial_config["context"]
+    searched = {k: trial_config[k] for k in SEARCHED_KEYS if k in trial_config}
+    train = TrainConfig.from_dict({**trial_config["train"], **searched}).to_dict()
+    tracker = Tracker(ctx["tracking_uri"])
+    trial_id = tune.get_context().get_trial_id()
+    run_name = trial_run_name(train, searched)
+
+    existing = [r for r in tracker.child_runs(ctx["experiment_id"], ctx["parent_run_id"])
+                if r.data.tags.get("tune_trial_id") == trial_id]
+    if existing:  # a retried or resumed trial continues its own run
+        run_id = existing[0].info.run_id
+    else:
+        run_id = tracker.start_run(
+            ctx["experiment_id"], run_name, params={**train, "probe_set_hash": ctx["probe_set_hash"]},
+            tags={"tune_trial_id": trial_id, "stage": ctx["stage"], "sweep": ctx["sweep_name"]},
+            parent_run_id=ctx["parent_run_id"],
+        )
+        tracker.log_text(run_id, yaml.safe_dump(train, sort_keys=True), "config/resolved_config.yaml")
+
+    trial_dir_name = f"{ctx['stage']}-{trial_id}"
+    final_model_dir = ctx.get("final_model_dir") or str(Path(ctx["storage_path"]) / ctx["sweep_name"] / "models" / trial_dir_name)
+    config = TrainConfig.from_dict(train)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": train, "final_model_dir": final_model_dir},
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker={"GPU": 1} if config.use_gpu else {"CPU": config.cpus_per_worker}),
+        run_config=RunConfig(
+            name=trial_dir_name,
+            storage_path=str(Path(ctx["storage_path"]) / ctx["sweep_name"] / "train"),
+            callbacks=[TuneForwardCallback(), MlflowReportCallback(ctx["tracking_uri"], run_id)],
+            failure_config=FailureConfig(max_failures=ctx["max_failures"]),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception:
+        tracker.end_run(run_id, failed=True)
+        raise
+    curves = category_curves(tracker, run_id, ctx["categories"])
+    figure = plot_category_curves({run_name: curves}, title=f"{ctx['sweep_name']} — {run_name}")
+    tracker.log_figure(run_id, figure, "figures/category_curves.png")
+    tracker.end_run(run_id)

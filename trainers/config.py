@@ -1,0 +1,73 @@
+"""The typed configuration of one training run (one trial): what a worker needs, nothing more.
+
+Every field carries its help text, from which the command line is generated; the resolved config
+is what a run records as its MLflow params.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+def _f(default, help: str, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class TrainConfig:
+    # model and data
+    model: str = _f("tiny-pythia-1m", "built-in size (tiny-pythia-1m/-4m/-16m), a Hugging Face name or a local folder")
+    init_checkpoint: str | None = _f(None, "start from this saved model folder instead of `model` (the sweep sets it to the shared SFT warm-up)")
+    dataset: str = _f("builtin", "'builtin', a local .jsonl/.json/.parquet file, or a hub data set such as 'Anthropic/hh-rlhf:helpful-base'")
+    train_split: str = _f("train", "split of `dataset` to train on")
+    eval_split: str = _f("test", "split the probe prompts come from")
+    max_train_pairs: int | None = _f(None, "use only the first N valid training pairs")
+    skip_bad_rows: bool = _f(False, "skip (and count) malformed data rows instead of stopping at the first")
+    max_prompt_tokens: int = _f(160, "prompts are cut from the left (the oldest turns go first) to this many tokens")
+    max_response_tokens: int = _f(64, "responses are cut from the right to this many tokens (EOS included)")
+    truncation: str = _f("truncate", "'truncate' cuts over-long rows as above; 'error' treats them as bad rows", choices=("truncate", "error"))
+    # objective
+    loss: str = _f("dpo", "sft, dpo, cdpo (label-smoothed DPO) or ipo")
+    beta: float = _f(0.1, "DPO/IPO temperature beta (> 0)")
+    label_smoothing: float = _f(0.0, "cDPO label smoothing in [0, 0.5); loss=cdpo uses 0.1 when this is 0")
+    # optimisation
+    lr: float = _f(5e-4, "peak AdamW learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_steps: int = _f(10, "linear warm-up steps, then constant")
+    max_steps: int = _f(60, "optimizer steps (each = micro_batch_size x grad_accum_steps x num_workers pairs)")
+    micro_batch_size: int = _f(8, "pairs per worker per forward")
+    grad_accum_steps: int = _f(1, "micro-batches accumulated per optimizer step")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    seed: int = _f(0, "seed of model init, data order and sampling")
+    # evaluation
+    eval_every: int = _f(10, "score the probe set every N steps (and at step 0 and the last step)")
+    num_probe_prompts: int = _f(32, "evaluation prompts in the probe set")
+    probe_batch_prompts: int = _f(8, "prompts scored together in one shared-prompt pass")
+    greedy_max_tokens: int = _f(48, "length limit of the greedy decode that forms the `greedy` category")
+    probe_set_dir: str | None = _f(None, "a saved probe set folder (the sweep builds and sets it)")
+    # distribution
+    num_workers: int = _f(2, "Ray Train workers per trial (DDP)")
+    cpus_per_worker: float = _f(0.3, "CPU share per worker; fractional so trials pack on small machines")
+    use_gpu: bool = _f(False, "one GPU per worker (NCCL); default CPU with gloo")
+    checkpoint_every: int = _f(20, "report a resumable checkpoint every N steps")
+
+    def __post_init__(self):
+        if self.loss not in ("sft", "dpo", "cdpo", "ipo"):
+            raise ValueError(f"loss must be one of sft, dpo, cdpo, ipo; got {self.loss!r}")
+        if self.loss != "sft" and self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.truncation not in ("truncate", "error"):
+            raise ValueError(f"truncation must be 'truncate' or 'error', got {self.truncation!r}")
+        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_every", "num_workers", "num_probe_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys: {unknown}")
+        return cls(**values)
