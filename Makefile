@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` (install + the embedded default DPO beta sweep)
+# and `make test` (install + the test suite). Both create .venv in the repo root.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+# one machine: every Ray service stays on 127.0.0.1
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# CPU torch first: a plain `torch` requirement would pull a multi-GB CUDA build
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: install
+	$(PY) sweeps/dpo_beta.py
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) benchmarks/probe_scoring.py
+
+clean:
+	rm -rf $(VENV) probesweep_runs mlflow.db mlartifacts

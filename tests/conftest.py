@@ -1,0 +1,36 @@
+"""Shared fixtures. Ray is started at most once per module that needs it (start-up costs seconds)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# before anything imports Ray: one machine, loopback only
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Tokenizers and probe sets built by tests go to a temporary cache, not the user's."""
+    previous = os.environ.get("PROBESWEEP_CACHE")
+    os.environ["PROBESWEEP_CACHE"] = str(tmp_path_factory.mktemp("probesweep-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("PROBESWEEP_CACHE", None)
+    else:
+        os.environ["PROBESWEEP_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def builtin_probe_dir(tmp_path_factory):
+    """A small probe set from the built-in test split, saved once for the session."""
+    from probes.builtin_generators import RuleBasedGenerator
+    from probes.probe_set import build_probe_set
+    from trainers.data import load_preference_data
+
+    pairs = load_preference_data("builtin", "test").pairs
+    probe_set = build_probe_set(pairs, RuleBasedGenerator(), n_prompts=8, seed=0, source="builtin:test")
+    directory = tmp_path_factory.mktemp("probes")
+    probe_set.save(directory)
+    return str(directory)
