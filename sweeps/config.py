@@ -35,6 +35,7 @@ class SweepConfig:
     address: str | None = _f(None, "Ray cluster to join ('auto' or host:port); default: a fresh local Ray")
     num_cpus: int | None = _f(None, "CPUs of the local Ray instance (default: all cores)")
     max_concurrent_trials: int = _f(3, "trials running at once")
+    train_poll_interval_s: float = _f(0.2, "how often Ray Train's controller collects worker reports (Ray's default 2 s makes every report wait)")
     max_failures: int = _f(1, "retries of a failed trial (from its last checkpoint) before giving up")
     train: TrainConfig = field(default_factory=TrainConfig)
 

@@ -42,18 +42,24 @@ class SweepOutcome:
     summary: list[dict]
 
 
-def start_ray(address: str | None, num_cpus: int | None) -> None:
+def start_ray(address: str | None, num_cpus: int | None, poll_interval_s: float = 0.2) -> None:
+    """Join a cluster, or start a fresh local Ray on loopback (never a stale local cluster).
+
+    Ray Train's controller collects worker reports at its health-check interval (2 s by default),
+    and every `ray.train.report` waits for that; a short interval keeps reports cheap.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    quiet = {"log_to_driver": False, "logging_level": "ERROR", "include_dashboard": False}
-    if address:  # an existing cluster: it owns its own resources
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    options = {"log_to_driver": False, "logging_level": "ERROR",
+               "runtime_env": {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(poll_interval_s),
+                                            "TOKENIZERS_PARALLELISM": "false"}}}
+    if address:  # an existing cluster owns its resources
+        ray.init(address=address, **options)
         return
-    # one machine: keep every Ray service on loopback, and never join a stale local cluster
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **quiet)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray service on 127.0.0.1
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **options)
 
 
 def prepare_probe_set(train: TrainConfig, storage: Path) -> tuple[ProbeSet, str]:
@@ -188,7 +194,7 @@ def run_sweep(config: SweepConfig, param_space: dict) -> SweepOutcome:
                "probe_set_hash": probe_set.content_hash(), "categories": CATEGORIES}
     failed = True
     try:
-        start_ray(config.address, config.num_cpus)
+        start_ray(config.address, config.num_cpus, config.train_poll_interval_s)
         sft_dir = shared_sft_warmup(config, context)
         if sft_dir:
             tracker.set_tags(parent_run_id, {"sft_warmup_dir": sft_dir})

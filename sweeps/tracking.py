@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import mlflow
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -85,11 +84,14 @@ class Tracker:
             self.client.log_batch(run_id, params=items[start:start + 100])
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-        """All of a step's metrics in one call (one write under SQLite contention)."""
+        self.log_metrics_by_step(run_id, [(step, metrics)])
+
+    def log_metrics_by_step(self, run_id: str, rows: Iterable[tuple[int, Mapping[str, float]]]) -> None:
+        """Many steps' metrics in one `log_batch` (one write under SQLite contention); non-finite values are dropped."""
         now = int(time.time() * 1000)
-        batch = [Metric(clean_key(k), float(v), now, int(step)) for k, v in metrics.items()
+        batch = [Metric(clean_key(k), float(v), now, int(step)) for step, metrics in rows for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
-        for start in range(0, len(batch), 1000):
+        for start in range(0, len(batch), 1000):  # MLflow's per-batch metric limit
             self.client.log_batch(run_id, metrics=batch[start:start + 1000])
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
@@ -141,4 +143,4 @@ def configure_quiet_logging() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-__all__ = ["Tracker", "default_tracking_uri", "flatten_params", "mlflow_ui_command", "configure_quiet_logging", "mlflow"]
+__all__ = ["Tracker", "default_tracking_uri", "flatten_params", "mlflow_ui_command", "configure_quiet_logging"]

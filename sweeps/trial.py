@@ -37,7 +37,7 @@ class TuneForwardCallback(TuneReportCallback):
 
 
 class MlflowReportCallback(UserCallback):
-    """Writes each report of rank 0 to the trial's MLflow child run (one `log_batch` per step).
+    """Writes rank 0's reports to the trial's MLflow child run: every buffered step in one `log_batch`.
 
     Steps already in the run (a trial restarted from an older checkpoint repeats them) are not
     logged again, so every curve has exactly one point per step.
@@ -56,20 +56,18 @@ class MlflowReportCallback(UserCallback):
         if self._tracker is None:
             self._tracker = Tracker(self.tracking_uri)
             self._last_logged_step = self._last_step(self._tracker)
-        report = metrics[0]
+        report, tracker = metrics[0], self._tracker
         step = int(report["step"])
-        if step <= self._last_logged_step:
-            return
-        tracker = self._tracker
-        tracker.log_metrics(self.run_id, {k: v for k, v in public_metrics(report).items() if k != "step"}, step)
+        rows = [row for row in report.get(PRIVATE_PREFIX + "history", []) if row["step"] > self._last_logged_step]
+        tracker.log_metrics_by_step(self.run_id, [(row["step"], {k: v for k, v in row.items() if k != "step"}) for row in rows])
         records = report.get(PRIVATE_PREFIX + "probe_records")
-        if records:
+        if records and step > self._last_logged_step:
             tracker.log_dataframe(self.run_id, pd.DataFrame(records), f"logps/step_{step:06d}.csv")
         if PRIVATE_PREFIX + "data" in report:
             tracker.set_tags(self.run_id, {f"data.{k}": v for k, v in report[PRIVATE_PREFIX + "data"].items()})
         if PRIVATE_PREFIX + "final_model_dir" in report:
             tracker.set_tags(self.run_id, {"checkpoint_dir": report[PRIVATE_PREFIX + "final_model_dir"]})
-        self._last_logged_step = step
+        self._last_logged_step = max(self._last_logged_step, step)
 
 
 def trial_run_name(train: dict, searched: dict) -> str:

@@ -49,6 +49,7 @@ class TrainConfig:
     cpus_per_worker: float = _f(0.3, "CPU share per worker; fractional so trials pack on small machines")
     use_gpu: bool = _f(False, "one GPU per worker (NCCL); default CPU with gloo")
     checkpoint_every: int = _f(20, "report a resumable checkpoint every N steps")
+    report_every: int = _f(5, "send buffered per-step metrics to Tune/MLflow every N steps (each report is a round trip)")
 
     def __post_init__(self):
         if self.loss not in ("sft", "dpo", "cdpo", "ipo"):
@@ -57,7 +58,7 @@ class TrainConfig:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if self.truncation not in ("truncate", "error"):
             raise ValueError(f"truncation must be 'truncate' or 'error', got {self.truncation!r}")
-        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_every", "num_workers", "num_probe_prompts"):
+        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_every", "num_workers", "num_probe_prompts", "report_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 

@@ -1,8 +1,10 @@
 """The per-worker loop that Ray Train runs: a thin shell around `PolicyTrainer`.
 
 It adds what only Ray knows: rank, DDP wrapping (`prepare_model`), resuming from the last
-reported checkpoint, and one `ray.train.report` per step (every worker reports; only rank 0
-carries metrics, per-example probe records and the checkpoint).
+reported checkpoint, and `ray.train.report` calls (every worker reports; only rank 0
+carries metrics, per-example probe records and the checkpoint). A report costs a round trip to the
+Train controller, so per-step metrics are buffered and shipped together every `report_every` steps
+(and at every evaluation and checkpoint); MLflow still gets one point per step.
 """
 from __future__ import annotations
 
@@ -34,10 +36,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             trainer.load_state_dict(torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False))
     trainer.prepare()
 
-    def report(metrics: dict, records: list[dict] | None, save: bool, final: bool) -> None:
+    pending: list[dict] = []   # per-step metrics not yet reported; each report ships them all
+
+    def report(records: list[dict] | None, save: bool, final: bool) -> None:
         payload: dict = {"step": trainer.step}
         if rank == 0:
-            payload.update(metrics)
+            payload.update(pending[-1] if pending else {})
+            payload[PRIVATE_PREFIX + "history"] = list(pending)
             if records is not None:
                 payload[PRIVATE_PREFIX + "probe_records"] = records
             if trainer.step == 0 or final:
@@ -45,6 +50,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if final and final_model_dir:
                 trainer.save_pretrained(final_model_dir)
                 payload[PRIVATE_PREFIX + "final_model_dir"] = str(final_model_dir)
+        pending.clear()
         if save and rank == 0:
             with tempfile.TemporaryDirectory() as directory:
                 torch.save(trainer.state_dict(), Path(directory) / STATE_FILE)
@@ -53,12 +59,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(payload)
 
     if trainer.step == 0:
-        report(*trainer.evaluate(), save=False, final=False)
+        eval_metrics, records = trainer.evaluate()
+        pending.append({"step": 0, **eval_metrics})
+        report(records, save=False, final=False)
     while trainer.step < config.max_steps:
-        metrics = trainer.train_step()
+        metrics = {"step": trainer.step + 1, **trainer.train_step()}
         final = trainer.step == config.max_steps
+        evaluate = trainer.step % config.eval_every == 0 or final
+        save = final or trainer.step % config.checkpoint_every == 0
         records = None
-        if trainer.step % config.eval_every == 0 or final:
+        if evaluate:
             eval_metrics, records = trainer.evaluate()
             metrics.update(eval_metrics)
-        report(metrics, records, save=final or trainer.step % config.checkpoint_every == 0, final=final)
+        pending.append(metrics)
+        # each report waits for the Train controller's poll, so reports are batched, not per step
+        if evaluate or save or trainer.step % config.report_every == 0:
+            report(records, save=save, final=final)

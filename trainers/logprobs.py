@@ -1,0 +1,55 @@
+"""The one place that turns logits into per-token and per-sequence log-probabilities.
+
+Training (SFT, DPO policy and reference passes) and probe scoring all go through these functions,
+so masking, shifting and precision are decided once.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100  # label of a position that is not scored (prompt, padding), as in HF and PyTorch
+
+
+def token_logps(logits: Tensor, token_ids: Tensor) -> Tensor:
+    """log softmax(logits)[token_id] at every position: [..., V], [...] -> [...].
+
+    Computed as `logits[id] - logsumexp(logits)` rather than `log_softmax(logits).gather(...)`: the
+    autograd graph then keeps no second [..., V] tensor. The math runs in at least float32 (float64
+    stays float64); half-precision logits are upcast one leading slice at a time, so there is never
+    a float32 copy of all logits. `token_ids` must be valid ids (no IGNORE_INDEX).
+    Naive equivalent: `torch.log_softmax(logits.float(), -1).gather(-1, token_ids[..., None])[..., 0]`.
+    """
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    picked = torch.gather(logits, -1, token_ids.unsqueeze(-1)).squeeze(-1).to(compute_dtype)
+    if logits.dtype == compute_dtype or logits.dim() < 2 or logits.shape[0] == 0:
+        normalizer = torch.logsumexp(logits.to(compute_dtype), dim=-1)
+    else:
+        normalizer = torch.stack([torch.logsumexp(part.to(compute_dtype), dim=-1) for part in logits])
+    return picked - normalizer
+
+
+def aligned_sequence_logps(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row sums, means and counts of log p(target) where `logits[:, t]` predicts `targets[:, t]`.
+
+    logits [B, T, V], targets [B, T] with IGNORE_INDEX where nothing is scored.
+    Returns sums [B] (float), means [B] = sums / counts (0 for a row with no scored token, not NaN),
+    counts [B] (long).
+    """
+    scored = targets != IGNORE_INDEX
+    per_token = token_logps(logits, targets.masked_fill(~scored, 0))
+    per_token = torch.where(scored, per_token, torch.zeros_like(per_token))  # where, not *: -inf * 0 is NaN
+    sums = per_token.sum(dim=-1)
+    counts = scored.sum(dim=-1)
+    means = sums / counts.clamp(min=1).to(sums.dtype)
+    return sums, means, counts
+
+
+def sequence_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Summed and mean log p(labelled tokens) per sequence, from a causal LM's logits.
+
+    logits [B, T, V] over input ids [B, T]; labels [B, T] = the input ids with IGNORE_INDEX on prompt
+    and padding. Causal shift: logits[:, t] predict labels[:, t + 1], so labels[:, 0] is never scored.
+    Returns (sums [B], means [B], counts [B]) over the unmasked tokens; a row with no token has mean 0.
+    """
+    return aligned_sequence_logps(logits[:, :-1], labels[:, 1:])
