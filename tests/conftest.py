@@ -8,6 +8,8 @@ import pytest
 # before anything imports Ray: one machine, loopback only
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# no hub is reachable from test machines: fail at once instead of retrying for a minute
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -48,7 +48,17 @@ def tiny_pythia_config(name: str, vocab_size: int = DEFAULT_VOCAB_SIZE, max_posi
     )
 
 
+def _check_name(name_or_path: str) -> None:
+    """Fail fast on a name that is neither built in, a local folder, nor shaped like a hub id."""
+    if name_or_path not in TINY_PYTHIA_SIZES and not Path(name_or_path).exists() and "/" not in name_or_path:
+        raise ValueError(
+            f"unknown model {name_or_path!r}: use one of {sorted(TINY_PYTHIA_SIZES)}, "
+            "a Hugging Face name such as 'EleutherAI/pythia-410m', or a local folder"
+        )
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    _check_name(name_or_path)
     if name_or_path in TINY_PYTHIA_SIZES:
         return builtin_tokenizer()
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
@@ -71,11 +81,6 @@ def load_model_and_tokenizer(
         torch.random.set_rng_state(generator_state)
         model = model.to(dtype)
     else:
-        if not Path(name_or_path).exists() and "/" not in name_or_path:
-            raise ValueError(
-                f"unknown model {name_or_path!r}: use one of {sorted(TINY_PYTHIA_SIZES)}, "
-                "a Hugging Face name such as 'EleutherAI/pythia-410m', or a local folder"
-            )
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
