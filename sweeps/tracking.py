@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 
 _KEY_UNSAFE = re.compile(r"[^0-9A-Za-z_\-. /:]")
 _MAX_PARAM_CHARS = 6000
-SECRET_MARKERS = ("api_key", "apikey", "token", "secret", "password")
+# names of values that must never reach MLflow (an option holding a key or a token)
+SECRET_NAME = re.compile(r"(api[_-]?key|secret|password|passwd|credential|(^|[_.-])(auth|access|bearer|hf|hub)?[_-]?token)$", re.I)
 
 
 def default_tracking_uri(directory: str | Path = ".") -> str:
@@ -36,7 +37,7 @@ def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str
     flat: dict[str, str] = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
-        if any(marker in name.lower() for marker in SECRET_MARKERS):
+        if SECRET_NAME.search(name):
             continue
         if isinstance(value, Mapping):
             flat.update(flatten_params(value, prefix=f"{name}."))
