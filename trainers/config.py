@@ -30,7 +30,7 @@ class TrainConfig:
     beta: float = _f(0.1, "DPO/IPO temperature beta (> 0)")
     label_smoothing: float = _f(0.0, "cDPO label smoothing in [0, 0.5); loss=cdpo uses 0.1 when this is 0")
     # optimisation
-    lr: float = _f(5e-4, "peak AdamW learning rate")
+    lr: float = _f(2e-4, "peak AdamW learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_steps: int = _f(10, "linear warm-up steps, then constant")
     max_steps: int = _f(60, "optimizer steps (each = micro_batch_size x grad_accum_steps x num_workers pairs)")
