@@ -44,7 +44,7 @@ def test_truncation_policy(tokenizer):
     with pytest.raises(DataError) as error:
         tokenize_pair(tokenizer, _pair(chosen=" word" * 40), 64, 8, policy="error")
     assert "data.jsonl" in str(error.value) and "row 4" in str(error.value) and "'chosen'" in str(error.value)
-    kept, skipped = tokenize_pairs(tokenizer, [_pair(), _pair(rejected=" no" * 40)], 64, 8, "error", skip_bad_rows=True)
+    kept, skipped = tokenize_pairs(tokenizer, [_pair(), _pair(rejected=" no" * 40)], 64, 16, "error", skip_bad_rows=True)
     assert len(kept) == 1 and len(skipped) == 1 and skipped[0].field == "rejected"
 
 
