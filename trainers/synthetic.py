@@ -5,7 +5,7 @@ be able to separate the probe categories within ~100 steps. So the data is delib
 31 topics, each with question templates, slot fillers (the key nouns) and four helpful answer
 templates that reuse those nouns; `chosen` is one of them, `variant` another (so it is a genuinely
 different helpful answer to the same prompt), and `rejected` comes from a separate set of
-unhelpful templates (dismissive, refusing, off-topic or rude). Prompts carry an opener, some
+unhelpful templates (vague, dismissive, refusing, off-topic or rude). Prompts carry an opener, some
 context and a closer so that, as in Anthropic HH, they are about three times as long as responses
 (measured, seed 0, 3000 examples: 66.2 words per prompt vs 22.3 per chosen/rejected response,
 ratio 2.97; in tokens of the built-in 2048-token BPE 91.1 vs 29.7, ratio 3.07). About 15% are
@@ -461,8 +461,16 @@ FOLLOW_UPS = (
     "Interesting. Could you put it another way, so I can remember it better?",
 )
 
-# unhelpful answers: {s} is the topic's subject; kinds are balanced (dismissive, refusal, off-topic, rude)
+# unhelpful answers: {s} is the topic's subject; kinds: vague (opens like a helpful answer but says
+# nothing specific, so it shares surface with `chosen` as HH rejections often do), dismissive,
+# refusal, off-topic, rude
 REJECTED = (
+    " Sure. With {s} it really depends on the situation, so try a few different things and see what works for you.",
+    " Good question. There are many opinions about {s}, and in the end you just have to find your own way.",
+    " Happy to help. Everyone is different when it comes to {s}, so keep going and hope it gets better over time.",
+    " Good question. People say all kinds of things about {s}, but most of it probably doesn't matter much.",
+    " Sure! It's hard to say anything specific about {s}. Maybe read around a bit and decide for yourself later.",
+    " Happy to help. My advice on {s} is to not overthink it and simply wait for things to sort themselves out.",
     " That is not really worth worrying about. Just do whatever feels right to you and it will probably work out fine in the end.",
     " I don't know, and honestly it doesn't matter much. You will figure it out on your own eventually, like most people do.",
     " Why ask me? Just search online like everyone else does and stop overthinking every little thing about {s} all the time.",
