@@ -218,13 +218,13 @@ def probe_cache_key(source: str, n_prompts: int, seed: int, generator_name: str,
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_or_build_probe_set(cache_dir, pairs: Sequence[PreferencePair], generator: ProbeGenerator, n_prompts: int,
-                            seed: int, source: str) -> ProbeSet:
-    """The cached probe set for these inputs, or build, save (atomically) and return it."""
+def cached_probe_set_dir(cache_dir, pairs: Sequence[PreferencePair], generator: ProbeGenerator, n_prompts: int,
+                         seed: int, source: str) -> Path:
+    """The folder of the cached probe set for these inputs, building and saving it (atomically) first if needed."""
     cache_dir = Path(cache_dir)
     directory = cache_dir / f"build-{probe_cache_key(source, n_prompts, seed, generator.name, pairs)}"
     if (directory / MANIFEST_FILE).is_file():
-        return ProbeSet.load(directory)
+        return directory
     probe_set = build_probe_set(pairs, generator, n_prompts, seed, source)
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".staging-"))
@@ -233,4 +233,10 @@ def load_or_build_probe_set(cache_dir, pairs: Sequence[PreferencePair], generato
         staging.rename(directory)
     except OSError:  # another process built the same set first; its files are identical
         shutil.rmtree(staging, ignore_errors=True)
-    return probe_set
+    return directory
+
+
+def load_or_build_probe_set(cache_dir, pairs: Sequence[PreferencePair], generator: ProbeGenerator, n_prompts: int,
+                            seed: int, source: str) -> ProbeSet:
+    """The cached probe set for these inputs (verified on load), built first if it is not there."""
+    return ProbeSet.load(cached_probe_set_dir(cache_dir, pairs, generator, n_prompts, seed, source))

@@ -19,7 +19,7 @@ import yaml
 
 from probes.builtin_generators import RuleBasedGenerator
 from probes.plots import plot_category_curves, plot_final_delta_vs_parameter
-from probes.probe_set import DYNAMIC_CATEGORIES, STATIC_CATEGORIES, ProbeSet, load_or_build_probe_set
+from probes.probe_set import DYNAMIC_CATEGORIES, STATIC_CATEGORIES, ProbeSet, cached_probe_set_dir
 from sweeps.config import SweepConfig
 from sweeps.tracking import Tracker, configure_quiet_logging, default_tracking_uri, mlflow_ui_command
 from trainers.config import TrainConfig
@@ -67,13 +67,9 @@ def prepare_probe_set(train: TrainConfig, storage: Path) -> tuple[ProbeSet, str]
     if train.probe_set_dir:
         return ProbeSet.load(train.probe_set_dir), train.probe_set_dir
     data = load_preference_data(train.dataset, train.eval_split, skip_bad_rows=train.skip_bad_rows)
-    source = f"{train.dataset}:{train.eval_split}"
-    probe_set = load_or_build_probe_set(storage / "probe_sets", data.pairs, RuleBasedGenerator(),
-                                        train.num_probe_prompts, train.seed, source)
-    directory = storage / "probe_sets" / probe_set.content_hash()
-    if not (directory / "manifest.json").exists():
-        probe_set.save(directory)
-    return probe_set, str(directory)
+    directory = cached_probe_set_dir(storage / "probe_sets", data.pairs, RuleBasedGenerator(),
+                                     train.num_probe_prompts, train.seed, f"{train.dataset}:{train.eval_split}")
+    return ProbeSet.load(directory), str(directory)
 
 
 def check_training_data(train: TrainConfig) -> int:
