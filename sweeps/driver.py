@@ -29,7 +29,7 @@ from trainers.models import load_tokenizer
 CATEGORIES = list(STATIC_CATEGORIES) + list(DYNAMIC_CATEGORIES)
 SFT_KEY_FIELDS = ("model", "dataset", "train_split", "max_train_pairs", "skip_bad_rows", "max_prompt_tokens",
                   "max_response_tokens", "truncation", "micro_batch_size", "grad_accum_steps", "warmup_steps",
-                  "max_grad_norm", "seed", "num_workers")
+                  "weight_decay", "max_grad_norm", "seed", "num_workers")
 
 
 @dataclass
