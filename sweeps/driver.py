@@ -112,6 +112,7 @@ def shared_sft_warmup(config: SweepConfig, context: dict) -> str | None:
         print(f"reusing the SFT warm-up in {directory}")
         return str(directory)
     train = replace(config.train, loss="sft", lr=config.sft_lr, max_steps=config.sft_steps, init_checkpoint=None)
+    print(f"stage 1/2: SFT warm-up on chosen responses, {config.sft_steps} steps x {train.num_workers} workers", flush=True)
     results = run_stage("sft-warmup", {"train": train.to_dict()}, config,
                         {**context, "final_model_dir": str(directory)}, config.sft_steps)
     errors = [r.error for r in results if r.error]
@@ -195,6 +196,8 @@ def run_sweep(config: SweepConfig, param_space: dict) -> SweepOutcome:
         if sft_dir:
             tracker.set_tags(parent_run_id, {"sft_warmup_dir": sft_dir})
         trial_train = replace(config.train, init_checkpoint=sft_dir).to_dict()
+        print(f"stage 2/2: {config.train.loss} trials over {sorted(param_space)}, {config.train.max_steps} steps x "
+              f"{config.train.num_workers} workers each, probe evaluation every {config.train.eval_every} steps", flush=True)
         results = run_stage("sweep", {**param_space, "train": trial_train}, config, context, config.train.max_steps)
         table, failed_trials = summarize_sweep(tracker, config, parent_run_id, experiment_id)
         for result in results:
