@@ -26,7 +26,7 @@ def _f(default, help: str, **kwargs):
 class SweepConfig:
     name: str = _f("dpo-beta", "sweep name: the MLflow parent run is 'sweep:<name>'")
     betas: list[float] = _f([0.05, 0.2, 0.8], "beta values to sweep (one trial per beta x lr)")
-    lrs: list[float] = _f([5e-4], "learning rates to sweep")
+    lrs: list[float] | None = _f(None, "learning rates to sweep (default: just --lr)")
     sft_steps: int = _f(150, "steps of the shared SFT warm-up on chosen responses (0: start DPO from `model`)")
     sft_lr: float = _f(3e-3, "learning rate of the SFT warm-up")
     tracking_uri: str | None = _f(None, "MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db; http://host:5000 for a server)")
@@ -38,6 +38,9 @@ class SweepConfig:
     train_poll_interval_s: float = _f(0.2, "how often Ray Train's controller collects worker reports (Ray's default 2 s makes every report wait)")
     max_failures: int = _f(1, "retries of a failed trial (from its last checkpoint) before giving up")
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def sweep_lrs(self) -> list[float]:
+        return list(self.lrs) if self.lrs else [self.train.lr]
 
     def resolved_storage_path(self) -> str:
         if self.storage_path and "://" in self.storage_path:

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import tune
 
     config = parse_config(argv, __doc__)
-    search_space = {"beta": tune.grid_search(config.betas), "lr": tune.grid_search(config.lrs)}
+    search_space = {"beta": tune.grid_search(config.betas), "lr": tune.grid_search(config.sweep_lrs())}
     outcome = run_sweep(config, search_space)
     print_outcome(outcome)
     return 1 if outcome.failed_trials else 0

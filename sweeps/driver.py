@@ -93,6 +93,7 @@ def run_stage(stage: str, param_space: dict, config: SweepConfig, context: dict,
     from sweeps.progress import TrialProgress
     from sweeps.trial import run_trial
 
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's new console output ignores verbose=0
     tuner = tune.Tuner(
         tune.with_resources(run_trial, {"cpu": 0.01}),  # the trial process only orchestrates
         param_space={**param_space, "context": {**context, "stage": stage}},

@@ -1,5 +1,9 @@
 """End to end on a real local Ray and a real MLflow SQLite store: a 2-trial x 2-worker DPO sweep
-(after a shared SFT warm-up), read back from MLflow. One Ray start-up for the whole module."""
+(after a shared SFT warm-up), read back from MLflow. One Ray start-up for the whole module.
+
+Rank 0 of every DPO trial is killed once at step 4 (after step 3 was reported, while the last
+checkpoint is step 2): Ray Train restarts the workers from that checkpoint, and the curves in
+MLflow must still hold exactly one point per step."""
 from __future__ import annotations
 
 import subprocess
@@ -16,23 +20,35 @@ from sweeps.tracking import Tracker, default_tracking_uri
 from trainers.config import TrainConfig
 
 pytestmark = pytest.mark.ray
-MAX_STEPS, EVAL_EVERY, PROBE_PROMPTS = 4, 2, 6
+MAX_STEPS, EVAL_EVERY, PROBE_PROMPTS, FAULT_STEP = 4, 2, 6, 4
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
+    import os
+
     import ray
     from ray import tune
 
+    from trainers.train_loop import FAULT_MARKER_ENV, FAULT_STEP_ENV
+
     root = tmp_path_factory.mktemp("sweep")
+    markers = root / "faults"
+    markers.mkdir()
+    # set before Ray starts: the local raylet and its workers inherit the environment
+    os.environ[FAULT_STEP_ENV], os.environ[FAULT_MARKER_ENV] = str(FAULT_STEP), str(markers)
     config = SweepConfig(
         name="itest", betas=[0.1, 0.5], lrs=[1e-3], sft_steps=2, tracking_uri=default_tracking_uri(root),
         storage_path=str(root / "runs"), num_cpus=2, max_concurrent_trials=2, experiment_name="itest",
         train=TrainConfig(max_steps=MAX_STEPS, eval_every=EVAL_EVERY, checkpoint_every=2, num_probe_prompts=PROBE_PROMPTS,
-                          max_train_pairs=200, greedy_max_tokens=8, micro_batch_size=4, num_workers=2),
+                          max_train_pairs=200, greedy_max_tokens=8, micro_batch_size=4, num_workers=2,
+                          report_every=1),
     )
-    outcome = run_sweep(config, {"beta": tune.grid_search(config.betas), "lr": tune.grid_search(config.lrs)})
-    yield outcome, Tracker(outcome.tracking_uri)
+    try:
+        outcome = run_sweep(config, {"beta": tune.grid_search(config.betas), "lr": tune.grid_search(config.sweep_lrs())})
+    finally:
+        del os.environ[FAULT_STEP_ENV], os.environ[FAULT_MARKER_ENV]
+    yield outcome, Tracker(outcome.tracking_uri), markers
     ray.shutdown()
 
 
@@ -43,7 +59,7 @@ def _children(outcome, tracker):
 
 
 def test_one_parent_and_a_child_per_beta(sweep):
-    outcome, tracker = sweep
+    outcome, tracker, _ = sweep
     parent, runs = _children(outcome, tracker)
     assert parent.info.run_name == "sweep:itest" and parent.info.status == "FINISHED"
     trials = [r for r in runs if r.data.tags["stage"] == "sweep"]
@@ -59,7 +75,9 @@ def test_one_parent_and_a_child_per_beta(sweep):
 
 
 def test_every_category_curve_and_one_point_per_step(sweep):
-    outcome, tracker = sweep
+    outcome, tracker, markers = sweep
+    # every DPO trial really was killed once (the 2-step warm-up never reaches the fault step)
+    assert len([m for m in markers.iterdir() if m.name.startswith("sweep-")]) == 2
     _, runs = _children(outcome, tracker)
     eval_steps = list(range(0, MAX_STEPS + 1, EVAL_EVERY))
     for run in runs:
@@ -76,7 +94,7 @@ def test_every_category_curve_and_one_point_per_step(sweep):
 
 
 def test_records_gathered_from_both_ranks_and_artifacts(sweep):
-    outcome, tracker = sweep
+    outcome, tracker, _ = sweep
     parent, runs = _children(outcome, tracker)
     run = next(r for r in runs if r.data.tags["stage"] == "sweep")
     client = tracker.client
@@ -100,7 +118,7 @@ def test_saved_model_reproduces_the_last_evaluation(sweep):
     from probes.probe_set import ProbeSet
     from trainers.collate import encode_prompt, encode_response
 
-    outcome, tracker = sweep
+    outcome, tracker, _ = sweep
     parent, runs = _children(outcome, tracker)
     run = next(r for r in runs if r.data.tags["stage"] == "sweep")
     folder = run.data.tags["checkpoint_dir"]

@@ -8,6 +8,7 @@ Train controller, so per-step metrics are buffered and shipped together every `r
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -18,8 +19,21 @@ import torch
 from trainers.config import TrainConfig
 from trainers.policy_trainer import PolicyTrainer
 
+FAULT_STEP_ENV, FAULT_MARKER_ENV = "PROBESWEEP_FAULT_AT_STEP", "PROBESWEEP_FAULT_MARKER_DIR"
 PRIVATE_PREFIX = "_"   # report keys that go to MLflow artifacts/tags, not to Tune as metrics
 STATE_FILE = "train_state.pt"
+
+
+def _inject_fault_once(step: int, run_name: str) -> None:
+    """Fault injection for recovery tests: with PROBESWEEP_FAULT_AT_STEP=n and a marker folder set,
+    rank 0 of each run dies (as a killed process would) the first time it reaches step n."""
+    fault_step, marker_dir = os.environ.get(FAULT_STEP_ENV), os.environ.get(FAULT_MARKER_ENV)
+    if not fault_step or not marker_dir or int(fault_step) != step:
+        return
+    marker = Path(marker_dir) / run_name
+    if not marker.exists():
+        marker.write_text(f"killed at step {step}")
+        os._exit(1)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -63,6 +77,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         pending.append({"step": 0, **eval_metrics})
         report(records, save=False, final=False)
     while trainer.step < config.max_steps:
+        if rank == 0:
+            _inject_fault_once(trainer.step + 1, context.get_experiment_name())
         metrics = {"step": trainer.step + 1, **trainer.train_step()}
         final = trainer.step == config.max_steps
         evaluate = trainer.step % config.eval_every == 0 or final
