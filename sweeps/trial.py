@@ -65,6 +65,8 @@ class MlflowReportCallback(UserCallback):
             tracker.log_dataframe(self.run_id, pd.DataFrame(records), f"logps/step_{step:06d}.csv")
         if PRIVATE_PREFIX + "data" in report:
             tracker.set_tags(self.run_id, {f"data.{k}": v for k, v in report[PRIVATE_PREFIX + "data"].items()})
+        if PRIVATE_PREFIX + "resumed_from_step" in report:
+            tracker.set_tags(self.run_id, {"resumed_from_step": report[PRIVATE_PREFIX + "resumed_from_step"]})
         if PRIVATE_PREFIX + "final_model_dir" in report:
             tracker.set_tags(self.run_id, {"checkpoint_dir": report[PRIVATE_PREFIX + "final_model_dir"]})
         self._last_logged_step = max(self._last_logged_step, step)

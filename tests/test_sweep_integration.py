@@ -76,9 +76,11 @@ def test_one_parent_and_a_child_per_beta(sweep):
 
 def test_every_category_curve_and_one_point_per_step(sweep):
     outcome, tracker, markers = sweep
+    _, runs = _children(outcome, tracker)
     # every DPO trial really was killed once (the 2-step warm-up never reaches the fault step)
     assert len([m for m in markers.iterdir() if m.name.startswith("sweep-")]) == 2
-    _, runs = _children(outcome, tracker)
+    # ... and resumed from its step-2 checkpoint, not from scratch
+    assert sorted(r.data.tags.get("resumed_from_step") for r in runs if r.data.tags["stage"] == "sweep") == ["2", "2"]
     eval_steps = list(range(0, MAX_STEPS + 1, EVAL_EVERY))
     for run in runs:
         steps = MAX_STEPS if run.data.tags["stage"] == "sweep" else 2

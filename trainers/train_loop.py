@@ -48,6 +48,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             trainer.load_state_dict(torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False))
+    resumed_from = trainer.step if checkpoint is not None else None
     trainer.prepare()
 
     pending: list[dict] = []   # per-step metrics not yet reported; each report ships them all
@@ -59,6 +60,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             payload[PRIVATE_PREFIX + "history"] = list(pending)
             if records is not None:
                 payload[PRIVATE_PREFIX + "probe_records"] = records
+            if resumed_from is not None:
+                payload[PRIVATE_PREFIX + "resumed_from_step"] = resumed_from
             if trainer.step == 0 or final:
                 payload[PRIVATE_PREFIX + "data"] = {"train_pairs": len(trainer.pairs), "skipped_rows": trainer.skipped_rows}
             if final and final_model_dir:
