@@ -29,6 +29,7 @@ class SweepConfig:
     lrs: list[float] | None = _f(None, "learning rates to sweep (default: just --lr)")
     sft_steps: int = _f(150, "steps of the shared SFT warm-up on chosen responses (0: start DPO from `model`)")
     sft_lr: float = _f(3e-3, "learning rate of the SFT warm-up")
+    share_reference_logps: bool = _f(True, "compute the reference model's log-probs of the training pairs once and share them with every trial (false: each trial runs the reference every step)")
     tracking_uri: str | None = _f(None, "MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db; http://host:5000 for a server)")
     experiment_name: str = _f("probesweep", "MLflow experiment")
     storage_path: str | None = _f(None, "where checkpoints, probe sets and final models go (default: ./probesweep_runs)")

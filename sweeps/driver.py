@@ -123,6 +123,44 @@ def shared_sft_warmup(config: SweepConfig, context: dict) -> str | None:
     return str(directory)
 
 
+def _reference_logps_task(train: dict, directory: str) -> tuple[str, bool, float]:
+    """Runs as a Ray task (with a worker's resources) so a GPU cluster computes it on a GPU."""
+    import torch
+
+    from trainers.collate import load_training_pairs
+    from trainers.models import load_model_and_tokenizer
+    from trainers.reference_logps import load_or_compute_reference_logps
+
+    started = time.perf_counter()
+    config = TrainConfig.from_dict(train)
+    model, tokenizer = load_model_and_tokenizer(config.init_checkpoint or config.model, seed=config.seed)
+    if config.use_gpu:
+        model.to("cuda")
+    else:
+        torch.set_num_threads(max(1, int(config.cpus_per_worker * config.num_workers)))
+    _, pairs, _ = load_training_pairs(config, tokenizer)
+    _, path, computed = load_or_compute_reference_logps(model, pairs, tokenizer.pad_token_id, directory,
+                                                        batch_size=2 * config.micro_batch_size)
+    return str(path), computed, time.perf_counter() - started
+
+
+def shared_reference_logps(config: SweepConfig, train: TrainConfig, context: dict, searched: set[str]) -> str | None:
+    """Reference log-probs of the training pairs, computed once (or found) for every trial of the sweep.
+
+    Only when every trial has the same reference: a sweep over models (or over seeds of a randomly
+    initialised one) falls back to per-trial reference forwards."""
+    if not config.share_reference_logps or train.loss == "sft" or searched & {"model", "seed"}:
+        return None
+    import ray
+
+    directory = str(Path(context["storage_path"]) / "shared" / "reference_logps")
+    resources = {"num_gpus": 1} if train.use_gpu else {"num_cpus": train.cpus_per_worker}
+    task = ray.remote(**resources)(_reference_logps_task)
+    path, computed, seconds = ray.get(task.remote(train.to_dict(), directory))
+    print(f"reference log-probs {'computed' if computed else 'reused'} in {seconds:.1f}s: {path}", flush=True)
+    return directory
+
+
 def final_deltas(tracker: Tracker, run_id: str) -> dict[str, float]:
     """Δ log p per category between the first and the last evaluation of a run."""
     deltas = {}
@@ -196,7 +234,8 @@ def run_sweep(config: SweepConfig, param_space: dict) -> SweepOutcome:
         sft_dir = shared_sft_warmup(config, context)
         if sft_dir:
             tracker.set_tags(parent_run_id, {"sft_warmup_dir": sft_dir})
-        trial_train = replace(config.train, init_checkpoint=sft_dir).to_dict()
+        trial_train = replace(config.train, init_checkpoint=sft_dir)
+        trial_train = replace(trial_train, reference_logps_dir=shared_reference_logps(config, trial_train, context, set(param_space))).to_dict()
         print(f"stage 2/2: {config.train.loss} trials over {sorted(param_space)}, {config.train.max_steps} steps x "
               f"{config.train.num_workers} workers each, probe evaluation every {config.train.eval_every} steps", flush=True)
         results = run_stage("sweep", {**param_space, "train": trial_train}, config, context, config.train.max_steps)

@@ -64,3 +64,40 @@ def test_grad_accumulation_equals_the_whole_batch(builtin_probe_dir):
     _, split, _, _ = _run(_config(builtin_probe_dir, max_steps=2, micro_batch_size=2, grad_accum_steps=2))
     for key in ("train/loss", "train/grad_norm", "dpo/reward_margin"):
         assert whole[1][key] == pytest.approx(split[1][key], rel=1e-4, abs=1e-7), key
+
+
+def _shared_reference(config, directory):
+    from trainers.collate import load_training_pairs
+    from trainers.models import load_model_and_tokenizer
+    from trainers.reference_logps import load_or_compute_reference_logps
+
+    model, tokenizer = load_model_and_tokenizer(config.model, seed=config.seed)
+    _, pairs, _ = load_training_pairs(config, tokenizer)
+    return load_or_compute_reference_logps(model, pairs, tokenizer.pad_token_id, directory, batch_size=5)
+
+
+def test_shared_reference_logps_give_the_same_run(builtin_probe_dir, tmp_path):
+    config = _config(builtin_probe_dir, max_steps=3)
+    _, per_step, per_step_eval, _ = _run(config)
+    logps, path, computed = _shared_reference(config, tmp_path)
+    assert computed and path.exists() and len(logps.chosen) == 64
+    assert _shared_reference(config, tmp_path)[2] is False  # the second request loads the file
+    trainer, shared, shared_eval, _ = _run(_config(builtin_probe_dir, max_steps=3, reference_logps_dir=str(tmp_path)))
+    assert trainer.reference_model is None  # no second model in memory
+    for a, b in zip(per_step, shared):
+        for key in ("train/loss", "dpo/reward_margin", "dpo/reward_accuracy", "dpo/logp_chosen", "train/grad_norm"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    for key, value in per_step_eval.items():
+        assert value == pytest.approx(shared_eval[key], abs=1e-4), key
+
+
+def test_shared_reference_logps_refuse_other_data(builtin_probe_dir, tmp_path):
+    from trainers.reference_logps import ReferenceLogps
+
+    _shared_reference(_config(builtin_probe_dir, max_train_pairs=64), tmp_path)
+    # a different data slice gives a different key: no file for it, a clear error
+    with pytest.raises(FileNotFoundError):
+        _run(_config(builtin_probe_dir, max_train_pairs=32, reference_logps_dir=str(tmp_path)))
+    stored = next(tmp_path.glob("reference-logps-*.npz"))
+    with pytest.raises(ValueError, match="computed for key"):
+        ReferenceLogps.load(stored, "another-key", 64)

@@ -70,6 +70,8 @@ def test_one_parent_and_a_child_per_beta(sweep):
         assert run.info.status == "FINISHED"
         assert run.data.params["loss"] == "dpo" and run.data.params["probe_set_hash"] == parent.data.params["probe_set_hash"]
         assert run.data.params["init_checkpoint"] == parent.data.tags["sft_warmup_dir"]
+        # the reference log-probs were computed once for the sweep, not by each trial
+        assert len(list(Path(run.data.params["reference_logps_dir"]).glob("reference-logps-*.npz"))) == 1
         assert run.info.run_name == f"beta={run.data.params['beta']} lr={run.data.params['lr']}"
     assert not outcome.failed_trials
 

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from trainers.data import DataError, PreferencePair
+from trainers.data import DataError, LoadedData, PreferencePair, load_preference_data
 from trainers.logprobs import IGNORE_INDEX
 
 
@@ -86,3 +86,12 @@ def collate_preference_batch(pairs: Sequence[TokenizedPair], pad_id: int) -> dic
     prompts = [p.prompt_ids for p in pairs] * 2
     responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     return collate_sequences(prompts, responses, pad_id)
+
+
+def load_training_pairs(config, tokenizer) -> tuple[LoadedData, list[TokenizedPair], list[DataError]]:
+    """The training split of `config.dataset`, parsed and tokenized under the config's policy."""
+    data = load_preference_data(config.dataset, config.train_split, skip_bad_rows=config.skip_bad_rows,
+                                max_rows=config.max_train_pairs)
+    pairs, skipped = tokenize_pairs(tokenizer, data.pairs, config.max_prompt_tokens, config.max_response_tokens,
+                                    config.truncation, config.skip_bad_rows)
+    return data, pairs, skipped

@@ -29,6 +29,7 @@ class TrainConfig:
     loss: str = _f("dpo", "sft, dpo, cdpo (label-smoothed DPO) or ipo")
     beta: float = _f(0.1, "DPO/IPO temperature beta (> 0)")
     label_smoothing: float = _f(0.0, "cDPO label smoothing in [0, 0.5); loss=cdpo uses 0.1 when this is 0")
+    reference_logps_dir: str | None = _f(None, "folder of shared reference log-probs (the sweep computes them once); unset: the reference model runs every step")
     # optimisation
     lr: float = _f(2e-4, "peak AdamW learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")

@@ -21,9 +21,12 @@ def forward_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     return sequence_logps(logits, batch["labels"].to(device))
 
 
-def compute_loss(config: TrainConfig, model, pairs: Sequence[TokenizedPair], pad_id: int,
-                 reference_model=None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss to back-propagate (mean over the micro-batch) and detached metrics for logging."""
+def compute_loss(config: TrainConfig, model, pairs: Sequence[TokenizedPair], pad_id: int, reference_model=None,
+                 reference_logps: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss to back-propagate (mean over the micro-batch) and detached metrics for logging.
+
+    Preference losses take the reference log-probs precomputed (`reference_logps`: chosen, rejected)
+    or run `reference_model` on the batch."""
     if config.loss == "sft":
         batch = collate_sequences([p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs], pad_id)
         sums, means, counts = forward_logps(model, batch)
@@ -34,14 +37,18 @@ def compute_loss(config: TrainConfig, model, pairs: Sequence[TokenizedPair], pad
     batch = collate_preference_batch(pairs, pad_id)
     n = len(pairs)
     sums, _, _ = forward_logps(model, batch)
-    with torch.no_grad():
-        ref_sums, _, _ = forward_logps(reference_model, batch)
+    if reference_logps is not None:
+        ref_chosen, ref_rejected = (t.to(sums.device, sums.dtype) for t in reference_logps)
+    else:
+        with torch.no_grad():
+            ref_sums, _, _ = forward_logps(reference_model, batch)
+        ref_chosen, ref_rejected = ref_sums[:n], ref_sums[n:]
     label_smoothing = config.label_smoothing or (0.1 if config.loss == "cdpo" else 0.0)
     kwargs = {"label_smoothing": label_smoothing} if config.loss != "ipo" else {}
     output = preference_loss(
         config.loss, beta=config.beta,
         policy_chosen=sums[:n], policy_rejected=sums[n:],
-        ref_chosen=ref_sums[:n], ref_rejected=ref_sums[n:], **kwargs,
+        ref_chosen=ref_chosen, ref_rejected=ref_rejected, **kwargs,
     )
     loss = output.losses.mean()
     metrics = {"train/loss": loss.item(),

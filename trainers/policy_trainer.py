@@ -16,12 +16,12 @@ import torch.distributed as dist
 
 from probes.probe_set import ProbeSet
 from trainers.batches import ShardedBatches
-from trainers.collate import tokenize_pairs
+from trainers.collate import load_training_pairs
 from trainers.config import TrainConfig
-from trainers.data import load_preference_data
 from trainers.evaluation import evaluate_probes, summarize_records, tokenize_probe_set
 from trainers.models import load_model_and_tokenizer
 from trainers.objectives import compute_loss
+from trainers.reference_logps import ReferenceLogps, reference_key, reference_logps_path
 
 
 def _distributed() -> bool:
@@ -59,16 +59,15 @@ class PolicyTrainer:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         torch.manual_seed(config.seed)
         model, self.tokenizer = load_model_and_tokenizer(config.init_checkpoint or config.model, seed=config.seed)
-        self.reference_model = None
-        if config.loss != "sft":  # the frozen start point of the preference objective
+        self.data, self.pairs, self.skipped_tokenized = load_training_pairs(config, self.tokenizer)
+        # the frozen start point of a preference objective: shared precomputed log-probs, or a model copy
+        self.reference_model, self.reference_logps = None, None
+        if config.loss != "sft" and config.reference_logps_dir:
+            key = reference_key(model, self.pairs)
+            self.reference_logps = ReferenceLogps.load(reference_logps_path(config.reference_logps_dir, key), key, len(self.pairs))
+        elif config.loss != "sft":
             self.reference_model = copy.deepcopy(model).eval().requires_grad_(False)
-
-        self.data = load_preference_data(config.dataset, config.train_split, skip_bad_rows=config.skip_bad_rows,
-                                         max_rows=config.max_train_pairs)
-        self.pairs, self.skipped_tokenized = tokenize_pairs(
-            self.tokenizer, self.data.pairs, config.max_prompt_tokens, config.max_response_tokens,
-            config.truncation, config.skip_bad_rows)
-        self.batches = ShardedBatches(self.pairs, config.micro_batch_size, rank, world_size, config.seed)
+        self.batches = ShardedBatches(range(len(self.pairs)), config.micro_batch_size, rank, world_size, config.seed)
         probe_set = ProbeSet.load(config.probe_set_dir)
         self.probes = tokenize_probe_set(probe_set, self.tokenizer, config.max_prompt_tokens, config.max_response_tokens)
         self.probe_prompts = [i for i in probe_set.shard(rank, world_size) if i < config.num_probe_prompts]
@@ -102,8 +101,9 @@ class PolicyTrainer:
             # skip DDP's gradient all-reduce until the last micro-batch of the step
             sync = contextlib.nullcontext() if last_micro or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
-                pairs = self.batches.batch(self.step * config.grad_accum_steps + micro)
-                loss, metrics = compute_loss(config, self.model, pairs, self.tokenizer.pad_token_id, self.reference_model)
+                indices = self.batches.batch(self.step * config.grad_accum_steps + micro)
+                loss, metrics = compute_loss(config, self.model, [self.pairs[i] for i in indices], self.tokenizer.pad_token_id,
+                                             self.reference_model, self._reference_for(indices))
                 (loss / config.grad_accum_steps).backward()
             for key, value in metrics.items():
                 summed[key] = summed.get(key, 0.0) + value / config.grad_accum_steps
@@ -118,6 +118,11 @@ class PolicyTrainer:
         metrics["train/epoch"] = self.batches.epoch_of(self.step * config.grad_accum_steps)
         metrics["train/step_time_s"] = time.perf_counter() - started
         return metrics
+
+    def _reference_for(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.reference_logps is None:
+            return None
+        return torch.from_numpy(self.reference_logps.chosen[indices]), torch.from_numpy(self.reference_logps.rejected[indices])
 
     def evaluate(self) -> tuple[dict[str, float], list[dict]]:
         """Score this rank's probe prompts, gather all ranks, summarise per category."""
