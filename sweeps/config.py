@@ -27,6 +27,18 @@ class SweepConfig:
     name: str = _f("dpo-beta", "sweep name: the MLflow parent run is 'sweep:<name>'")
     betas: list[float] = _f([0.05, 0.2, 0.8], "beta values to sweep (one trial per beta x lr)")
     lrs: list[float] | None = _f(None, "learning rates to sweep (default: just --lr)")
+    losses: list[str] | None = _f(None, "preference losses to sweep (dpo, cdpo, ipo); default: just --loss")
+    seeds: list[int] | None = _f(None, "seeds to sweep; default: just --seed")
+    models: list[str] | None = _f(None, "models to sweep (sweeps/model_size.py); default: just --model")
+    search: str = _f("grid", "grid (every combination), random or optuna (sample --num-samples trials; optuna needs the extra)", choices=("grid", "random", "optuna"))
+    num_samples: int = _f(1, "grid: repeats of every combination; random/optuna: number of trials")
+    scheduler: str = _f("fifo", "fifo (run every trial to the end) or asha (stop weak trials early on --metric)", choices=("fifo", "asha"))
+    metric: str = _f("train/loss", "metric ASHA and Optuna optimise")
+    mode: str = _f("min", "min or max of --metric", choices=("min", "max"))
+    resume: bool = _f(False, "continue an interrupted sweep of the same --name and --storage-path")
+    sft_recipe: str = _f("chosen", "SFT warm-up data: 'chosen' responses, or 'both' chosen and rejected (softens DPO's squeezing effect)", choices=("chosen", "both"))
+    sft_recipes: list[str] | None = _f(None, "SFT warm-up recipes to sweep (chosen, both): one shared warm-up per recipe and model; default: just --sft-recipe")
+    worker_shares: list[str] | None = _f(None, "per-model resources of each training worker as MODEL=SHARE: CPUs per worker (GPU fraction with --use-gpu), so small models pack together; unlisted models use --cpus-per-worker")
     sft_steps: int = _f(150, "steps of the shared SFT warm-up on chosen responses (0: start DPO from `model`)")
     sft_lr: float = _f(3e-3, "learning rate of the SFT warm-up")
     share_reference_logps: bool = _f(True, "compute the reference model's log-probs of the training pairs once and share them with every trial (false: each trial runs the reference every step)")
@@ -42,6 +54,20 @@ class SweepConfig:
 
     def sweep_lrs(self) -> list[float]:
         return list(self.lrs) if self.lrs else [self.train.lr]
+
+    def worker_share_by_model(self) -> dict[str, float]:
+        """`--worker-shares tiny-pythia-1m=0.2 ...` as {model: share}; a malformed entry is an error."""
+        shares = {}
+        for entry in self.worker_shares or []:
+            model, _, value = entry.rpartition("=")
+            try:
+                share = float(value)
+            except ValueError:
+                share = -1.0
+            if not model or share <= 0:
+                raise ValueError(f"worker_shares: expected MODEL=SHARE with SHARE > 0, got {entry!r}")
+            shares[model] = share
+        return shares
 
     def resolved_storage_path(self) -> str:
         if self.storage_path and "://" in self.storage_path:
@@ -84,7 +110,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls, group_title: str) -> None:
         if typing.get_origin(annotation) is list:
             kwargs.update(nargs="+", type=typing.get_args(annotation)[0], metavar="V")
         elif annotation is bool:
-            kwargs.update(type=_bool, metavar="BOOL")
+            kwargs.update(type=_bool, metavar="BOOL", nargs="?", const=True)  # `--resume` alone means true
         else:
             kwargs.update(type=annotation)
             if "choices" in f.metadata:

@@ -8,6 +8,8 @@ from __future__ import annotations
 from ray import tune
 from tqdm.auto import tqdm
 
+from sweeps.search import SEARCHABLE
+
 
 class TrialProgress(tune.Callback):
     def __init__(self, stage: str, total_steps: int):
@@ -17,7 +19,7 @@ class TrialProgress(tune.Callback):
 
     def _bar(self, trial) -> tqdm:
         if trial.trial_id not in self._bars:
-            searched = {k: v for k, v in trial.config.items() if k in ("beta", "lr", "loss", "seed", "model")}
+            searched = {k: v for k, v in trial.config.items() if k in SEARCHABLE}
             label = " ".join(f"{k}={v}" for k, v in searched.items()) or self.stage
             self._bars[trial.trial_id] = tqdm(total=self.total_steps, desc=f"{self.stage} {label}",
                                               position=len(self._bars), leave=True, unit="step", dynamic_ncols=True)

@@ -23,6 +23,11 @@ def test_flags_override_every_kind_of_field():
     assert config.train.skip_bad_rows is True and config.train.max_train_pairs == 12
 
 
+def test_bare_boolean_flag_means_true():
+    assert parse_config(["--resume"], "test").resume is True
+    assert parse_config(["--resume", "false"], "test").resume is False
+
+
 def test_yaml_then_flags(tmp_path):
     path = tmp_path / "sweep.yaml"
     path.write_text("betas: [0.5]\nmax_steps: 11\ntrain:\n  lr: 0.002\n  seed: 3\n")

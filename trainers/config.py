@@ -27,6 +27,7 @@ class TrainConfig:
     truncation: str = _f("truncate", "'truncate' cuts over-long rows as above; 'error' treats them as bad rows", choices=("truncate", "error"))
     # objective
     loss: str = _f("dpo", "sft, dpo, cdpo (label-smoothed DPO) or ipo")
+    sft_targets: str = _f("chosen", "what SFT trains on: the 'chosen' responses, or 'both' chosen and rejected", choices=("chosen", "both"))
     beta: float = _f(0.1, "DPO/IPO temperature beta (> 0)")
     label_smoothing: float = _f(0.0, "cDPO label smoothing in [0, 0.5); loss=cdpo uses 0.1 when this is 0")
     reference_logps_dir: str | None = _f(None, "folder of shared reference log-probs (the sweep computes them once); unset: the reference model runs every step")
@@ -48,7 +49,8 @@ class TrainConfig:
     # distribution
     num_workers: int = _f(2, "Ray Train workers per trial (DDP)")
     cpus_per_worker: float = _f(0.3, "CPU share per worker; fractional so trials pack on small machines")
-    use_gpu: bool = _f(False, "one GPU per worker (NCCL); default CPU with gloo")
+    gpus_per_worker: float = _f(1.0, "GPU share per worker with use_gpu (fractional: several small trials share a GPU)")
+    use_gpu: bool = _f(False, "GPUs for the workers (NCCL; gpus_per_worker each); default CPU with gloo")
     checkpoint_every: int = _f(20, "report a resumable checkpoint every N steps")
     report_every: int = _f(5, "send buffered per-step metrics to Tune/MLflow every N steps (each report is a round trip)")
 
@@ -57,8 +59,12 @@ class TrainConfig:
             raise ValueError(f"loss must be one of sft, dpo, cdpo, ipo; got {self.loss!r}")
         if self.loss != "sft" and self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.sft_targets not in ("chosen", "both"):
+            raise ValueError(f"sft_targets must be 'chosen' or 'both', got {self.sft_targets!r}")
         if self.truncation not in ("truncate", "error"):
             raise ValueError(f"truncation must be 'truncate' or 'error', got {self.truncation!r}")
+        if self.cpus_per_worker <= 0 or self.gpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker and gpus_per_worker must be > 0, got {self.cpus_per_worker}, {self.gpus_per_worker}")
         for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_every", "num_workers", "num_probe_prompts", "report_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

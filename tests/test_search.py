@@ -1,0 +1,89 @@
+"""Search spaces, schedulers and per-trial settings: what Tune receives for a given sweep config."""
+from __future__ import annotations
+
+import pytest
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from sweeps.config import SweepConfig, parse_config
+from sweeps.search import search_space, searched_values, tune_settings, warmup_key
+from sweeps.trial import trial_run_name, trial_settings
+from trainers.config import TrainConfig
+
+
+def test_grid_space_is_every_combination_and_skips_unset_keys():
+    space = search_space(SweepConfig(), {"beta": [0.1, 0.5], "lr": [1e-4], "seed": None, "loss": []})
+    assert space == {"beta": {"grid_search": [0.1, 0.5]}, "lr": {"grid_search": [1e-4]}}
+    assert searched_values(space) == {"beta": [0.1, 0.5], "lr": [1e-4]}
+
+
+@pytest.mark.parametrize("search", ["random", "optuna"])
+def test_sampled_searches_get_choices_not_grids(search):
+    space = search_space(SweepConfig(search=search), {"beta": [0.1, 0.5, 0.9], "model": ["tiny-pythia-1m"]})
+    assert all(isinstance(domain, tune.search.sample.Categorical) for domain in space.values())
+    assert searched_values(space) == {"beta": [0.1, 0.5, 0.9], "model": ["tiny-pythia-1m"]}
+
+
+def test_unknown_search_key_is_an_error():
+    with pytest.raises(ValueError, match="cannot search over \\['warmup_steps'\\]"):
+        search_space(SweepConfig(), {"warmup_steps": [1, 2]})
+
+
+def test_asha_uses_steps_as_time_and_the_chosen_metric():
+    config = SweepConfig(scheduler="asha", metric="dpo/reward_accuracy", mode="max", num_samples=3,
+                         train=TrainConfig(max_steps=40, eval_every=10))
+    settings = tune_settings(config)
+    scheduler = settings["scheduler"]
+    assert isinstance(scheduler, ASHAScheduler)
+    assert (scheduler._time_attr, scheduler._metric, scheduler._mode, scheduler._max_t) == ("step", "dpo/reward_accuracy", "max", 40)
+    assert settings["num_samples"] == 3 and settings["search_alg"] is None
+    assert tune_settings(SweepConfig())["scheduler"] is None
+
+
+def test_optuna_search_algorithm_or_a_clear_message():
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="probesweep\\[optuna\\]"):
+            tune_settings(SweepConfig(search="optuna"))
+    else:
+        from ray.tune.search.optuna import OptunaSearch
+        assert isinstance(tune_settings(SweepConfig(search="optuna"))["search_alg"], OptunaSearch)
+
+
+def test_worker_shares_parse_and_reject_malformed_entries():
+    config = parse_config(["--worker-shares", "tiny-pythia-1m=0.2", "org/model=v2=1"], "")
+    assert config.worker_share_by_model() == {"tiny-pythia-1m": 0.2, "org/model=v2": 1.0}
+    for bad in ("tiny-pythia-1m", "=0.3", "tiny-pythia-1m=0", "tiny-pythia-1m=lots"):
+        with pytest.raises(ValueError, match="MODEL=SHARE"):
+            SweepConfig(worker_shares=[bad]).worker_share_by_model()
+
+
+CTX = {"stage": "sweep", "sft_recipe": "chosen",
+       "init_checkpoints": {warmup_key("tiny-pythia-1m", "chosen"): "/warm/1m-chosen",
+                            warmup_key("tiny-pythia-1m", "both"): "/warm/1m-both",
+                            warmup_key("tiny-pythia-4m", "chosen"): "/warm/4m-chosen"},
+       "worker_shares": {"tiny-pythia-4m": 0.7}}
+
+
+def test_trial_settings_pick_the_warmup_of_model_and_recipe_and_the_model_share():
+    base = TrainConfig(model="tiny-pythia-1m", cpus_per_worker=0.3).to_dict()
+    one = trial_settings(base, {"beta": 0.5, "sft_recipe": "both"}, CTX)
+    assert (one["beta"], one["init_checkpoint"], one["cpus_per_worker"]) == (0.5, "/warm/1m-both", 0.3)
+    assert "sft_recipe" not in one  # a sweep option, not a TrainConfig field
+    four = trial_settings(base, {"model": "tiny-pythia-4m"}, CTX)
+    assert (four["init_checkpoint"], four["cpus_per_worker"]) == ("/warm/4m-chosen", 0.7)
+    on_gpu = trial_settings({**base, "use_gpu": True}, {"model": "tiny-pythia-4m"}, CTX)
+    assert (on_gpu["gpus_per_worker"], on_gpu["cpus_per_worker"]) == (0.7, 0.3)
+
+
+def test_warmup_trials_train_on_their_recipe():
+    sft = TrainConfig(loss="sft").to_dict()
+    assert trial_settings(sft, {"sft_recipe": "both"}, {"stage": "sft-warmup", "sft_recipe": "chosen"})["sft_targets"] == "both"
+    assert trial_settings(sft, {}, {"stage": "sft-warmup", "sft_recipe": "both"})["sft_targets"] == "both"
+
+
+def test_run_names_say_what_differs():
+    assert trial_run_name({"loss": "dpo"}, {"sft_recipe": "both", "beta": 0.1, "model": "tiny-pythia-4m", "lr": 5e-6}) == \
+        "beta=0.1 lr=5e-06 model=tiny-pythia-4m sft_recipe=both"
+    assert trial_run_name({"loss": "sft"}, {}) == "sft"
