@@ -18,11 +18,10 @@ from ray.train.v2.api.callback import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from probes.plots import plot_category_curves
+from sweeps.search import SEARCHABLE, TRAIN_FIELDS, warmup_key
 from sweeps.tracking import Tracker
 from trainers.config import TrainConfig
 from trainers.train_loop import PRIVATE_PREFIX, train_loop_per_worker
-
-SEARCHED_KEYS = ("beta", "lr", "loss", "seed", "model")
 
 
 def public_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -73,8 +72,27 @@ class MlflowReportCallback(UserCallback):
 
 
 def trial_run_name(train: dict, searched: dict) -> str:
-    parts = [f"{k}={searched[k]}" for k in SEARCHED_KEYS if k in searched]
+    parts = [f"{k}={searched[k]}" for k in SEARCHABLE if k in searched]
     return " ".join(parts) or train["loss"]
+
+
+def recipe_of(searched: dict, ctx: dict) -> str:
+    return searched.get("sft_recipe", ctx["sft_recipe"])
+
+
+def trial_settings(train: dict, searched: dict, ctx: dict) -> dict:
+    """The trial's TrainConfig: the sweep's, its searched values, its warm-up and its model's resources."""
+    train = {**train, **{k: v for k, v in searched.items() if k in TRAIN_FIELDS}}
+    recipe = recipe_of(searched, ctx)
+    if train["loss"] == "sft" and ctx["stage"] == "sft-warmup":
+        train["sft_targets"] = recipe
+    init = ctx.get("init_checkpoints", {}).get(warmup_key(train["model"], recipe))
+    if init:  # each (model, recipe) starts from its own shared warm-up
+        train["init_checkpoint"] = init
+    share = ctx.get("worker_shares", {}).get(train["model"])
+    if share:  # small models take a small share, so their trials pack together
+        train["gpus_per_worker" if train["use_gpu"] else "cpus_per_worker"] = share
+    return TrainConfig.from_dict(train).to_dict()
 
 
 def category_curves(tracker: Tracker, run_id: str, categories: list[str]) -> dict[str, list[tuple[int, float]]]:
@@ -84,8 +102,8 @@ def category_curves(tracker: Tracker, run_id: str, categories: list[str]) -> dic
 def run_trial(trial_config: dict) -> None:
     """Tune function trainable: one MLflow child run, one TorchTrainer fit."""
     ctx = trial_config["context"]
-    searched = {k: trial_config[k] for k in SEARCHED_KEYS if k in trial_config}
-    train = TrainConfig.from_dict({**trial_config["train"], **searched}).to_dict()
+    searched = {k: trial_config[k] for k in SEARCHABLE if k in trial_config}
+    train = trial_settings(trial_config["train"], searched, ctx)
     tracker = Tracker(ctx["tracking_uri"])
     trial_id = tune.get_context().get_trial_id()
     run_name = trial_run_name(train, searched)
@@ -96,20 +114,22 @@ def run_trial(trial_config: dict) -> None:
         run_id = existing[0].info.run_id
     else:
         run_id = tracker.start_run(
-            ctx["experiment_id"], run_name, params={**train, "probe_set_hash": ctx["probe_set_hash"]},
+            ctx["experiment_id"], run_name,
+            params={**train, "probe_set_hash": ctx["probe_set_hash"], "sft_recipe": recipe_of(searched, ctx)},
             tags={"tune_trial_id": trial_id, "stage": ctx["stage"], "sweep": ctx["sweep_name"]},
             parent_run_id=ctx["parent_run_id"],
         )
         tracker.log_text(run_id, yaml.safe_dump(train, sort_keys=True), "config/resolved_config.yaml")
 
     trial_dir_name = f"{ctx['stage']}-{trial_id}"
-    final_model_dir = ctx.get("final_model_dir") or str(Path(ctx["storage_path"]) / ctx["sweep_name"] / "models" / trial_dir_name)
+    final_model_dir = (ctx.get("final_model_dirs", {}).get(warmup_key(train["model"], recipe_of(searched, ctx)))
+                       or str(Path(ctx["storage_path"]) / ctx["sweep_name"] / "models" / trial_dir_name))
     config = TrainConfig.from_dict(train)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": train, "final_model_dir": final_model_dir},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"GPU": 1} if config.use_gpu else {"CPU": config.cpus_per_worker}),
+                                     resources_per_worker={"GPU": config.gpus_per_worker} if config.use_gpu else {"CPU": config.cpus_per_worker}),
         run_config=RunConfig(
             name=trial_dir_name,
             storage_path=str(Path(ctx["storage_path"]) / ctx["sweep_name"] / "train"),

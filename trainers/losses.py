@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -28,11 +28,15 @@ def compute_loss(config: TrainConfig, model, pairs: Sequence[TokenizedPair], pad
     Preference losses take the reference log-probs precomputed (`reference_logps`: chosen, rejected)
     or run `reference_model` on the batch."""
     if config.loss == "sft":
-        batch = collate_sequences([p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs], pad_id)
+        prompts, responses = [p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs]
+        if config.sft_targets == "both":  # Ren & Sutherland's remedy: SFT also lifts y- before DPO pushes it down
+            prompts, responses = prompts * 2, responses + [p.rejected_ids for p in pairs]
+        batch = collate_sequences(prompts, responses, pad_id)
         sums, means, counts = forward_logps(model, batch)
         loss = sft_loss(sums, counts)
-        return loss, {"train/loss": loss.item(), "sft/logp_chosen": sums.detach().mean().item(),
-                      "sft/logp_tok_chosen": means.detach().mean().item()}
+        n = len(pairs)
+        return loss, {"train/loss": loss.item(), "sft/logp_chosen": sums[:n].detach().mean().item(),
+                      "sft/logp_tok_chosen": means[:n].detach().mean().item()}
 
     batch = collate_preference_batch(pairs, pad_id)
     n = len(pairs)

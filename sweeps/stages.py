@@ -1,0 +1,131 @@
+"""The Tune stages of a sweep and the work shared between their trials.
+
+* `run_stage`: one Tuner over the trial trainable — or, with `--resume`, the restored Tuner of an
+  interrupted run (finished trials are not rerun; unfinished ones continue from their checkpoints).
+* `shared_sft_warmups`: the SFT warm-up of each (model, recipe), trained once, cached by its settings.
+* `shared_reference_logps`: the reference log-probs of the training pairs, computed once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from sweeps.config import SweepConfig
+from sweeps.search import tune_settings, warmup_key
+from trainers.config import TrainConfig
+
+SFT_KEY_FIELDS = ("model", "dataset", "train_split", "max_train_pairs", "skip_bad_rows", "max_prompt_tokens",
+                  "max_response_tokens", "truncation", "micro_batch_size", "grad_accum_steps", "warmup_steps",
+                  "weight_decay", "max_grad_norm", "seed", "num_workers")
+
+
+def run_stage(stage: str, param_space: dict, config: SweepConfig, context: dict, total_steps: int):
+    from ray import tune
+
+    from sweeps.progress import TrialProgress
+    from sweeps.trial import run_trial
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's new console output ignores verbose=0
+    trainable = tune.with_resources(run_trial, {"cpu": 0.01})  # the trial process only orchestrates
+    name = f"{config.name}-{stage}"
+    path = os.path.join(context["storage_path"], name)
+    progress = TrialProgress(stage, total_steps)
+    if config.resume and tune.Tuner.can_restore(path):
+        print(f"resuming {name} from {path}", flush=True)
+        # the restored run keeps its config, search state, context and callbacks
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={**param_space, "context": {**context, "stage": stage}},
+            tune_config=tune.TuneConfig(**tune_settings(config)),
+            run_config=tune.RunConfig(name=name, storage_path=context["storage_path"], verbose=0, callbacks=[progress]),
+        )
+    return tuner.fit()
+
+
+def sft_warmup_key(config: SweepConfig, model: str, recipe: str) -> str:
+    fields = {k: getattr(config.train, k) for k in SFT_KEY_FIELDS}
+    fields.update(model=model, sft_steps=config.sft_steps, sft_lr=config.sft_lr, recipe=recipe)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def shared_sft_warmups(config: SweepConfig, models: list[str], recipes: list[str], context: dict) -> dict[str, str]:
+    """warmup_key(model, recipe) -> its SFT warm-up folder, for every combination; trains (in one
+    stage) only those not cached yet."""
+    if config.sft_steps <= 0:
+        return {}
+    shared = Path(context["storage_path"]) / "shared"
+    folders = {warmup_key(m, r): shared / f"sft-warmup-{sft_warmup_key(config, m, r)}" for m in models for r in recipes}
+    missing = [key for key, folder in folders.items() if not (folder / ".complete").exists()]
+    for key in sorted(set(folders) - set(missing)):
+        print(f"reusing the SFT warm-up {key} in {folders[key]}", flush=True)
+    if missing:
+        train = replace(config.train, loss="sft", sft_targets=config.sft_recipe, lr=config.sft_lr,
+                        max_steps=config.sft_steps, init_checkpoint=None)
+        print(f"stage 1/2: SFT warm-up of {', '.join(missing)} (model|recipe: 'chosen' trains on chosen responses, "
+              f"'both' on chosen and rejected), {config.sft_steps} steps x {train.num_workers} workers", flush=True)
+        space = {"train": train.to_dict()}
+        missing_models = sorted({key.split("|")[0] for key in missing}, key=models.index)
+        missing_recipes = sorted({key.split("|")[1] for key in missing}, key=recipes.index)
+        if missing_models != [config.train.model]:
+            space["model"] = tune_grid(missing_models)
+        if missing_recipes != [config.sft_recipe]:
+            space["sft_recipe"] = tune_grid(missing_recipes)
+        warmup_config = replace(config, search="grid", scheduler="fifo", num_samples=1)
+        results = run_stage("sft-warmup", space, warmup_config,
+                            {**context, "final_model_dirs": {k: str(folders[k]) for k in missing}}, config.sft_steps)
+        errors = [r.error for r in results if r.error]
+        if errors:
+            raise RuntimeError(f"the SFT warm-up failed: {errors[0]}")
+        for key in missing:  # a grid over missing models x recipes may also retrain a cached one: harmless
+            (folders[key] / ".complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return {key: str(folder) for key, folder in folders.items()}
+
+
+def tune_grid(values: list):
+    from ray import tune
+
+    return tune.grid_search(values)
+
+
+def _reference_logps_task(train: dict, directory: str) -> tuple[str, bool, float]:
+    """Runs as a Ray task (with a worker's resources) so a GPU cluster computes it on a GPU."""
+    import torch
+
+    from trainers.collate import load_training_pairs
+    from trainers.models import load_model_and_tokenizer
+    from trainers.reference_logps import load_or_compute_reference_logps
+
+    started = time.perf_counter()
+    config = TrainConfig.from_dict(train)
+    model, tokenizer = load_model_and_tokenizer(config.init_checkpoint or config.model, seed=config.seed)
+    if config.use_gpu:
+        model.to("cuda")
+    else:
+        torch.set_num_threads(max(1, int(config.cpus_per_worker * config.num_workers)))
+    _, pairs, _ = load_training_pairs(config, tokenizer)
+    _, path, computed = load_or_compute_reference_logps(model, pairs, tokenizer.pad_token_id, directory,
+                                                        batch_size=2 * config.micro_batch_size)
+    return str(path), computed, time.perf_counter() - started
+
+
+def shared_reference_logps(config: SweepConfig, train: TrainConfig, context: dict, searched: set[str]) -> str | None:
+    """Reference log-probs of the training pairs, computed once (or found) for every trial of the sweep.
+
+    Only when every trial has the same reference: a sweep over models, warm-up recipes (or seeds of
+    a randomly initialised model) falls back to per-trial reference forwards."""
+    if not config.share_reference_logps or train.loss == "sft" or searched & {"model", "seed", "sft_recipe"}:
+        return None
+    import ray
+
+    directory = str(Path(context["storage_path"]) / "shared" / "reference_logps")
+    resources = {"num_gpus": 1} if train.use_gpu else {"num_cpus": train.cpus_per_worker}
+    task = ray.remote(**resources)(_reference_logps_task)
+    path, computed, seconds = ray.get(task.remote(train.to_dict(), directory))
+    print(f"reference log-probs {'computed' if computed else 'reused'} in {seconds:.1f}s: {path}", flush=True)
+    return directory
