@@ -50,19 +50,42 @@ def plot_category_curves(runs: Mapping[str, Mapping[str, Curve]], title: str = "
     return figure
 
 
-def plot_final_delta_vs_parameter(table: Sequence[Mapping], parameter: str, categories: Sequence[str], title: str = ""):
-    """table rows: {parameter: value, 'delta/<category>': Δ log p at the last evaluation, ...}."""
-    figure, axis = plt.subplots(figsize=(6.5, 4.2))
-    rows = sorted(table, key=lambda r: r[parameter])
-    xs = [r[parameter] for r in rows]
-    for category in categories:
-        axis.plot(xs, [r.get(f"delta/{category}", float("nan")) for r in rows], marker="o", label=category)
-    if xs and min(xs) > 0 and max(xs) / min(xs) >= 10:
-        axis.set_xscale("log")
-    axis.axhline(0.0, color="grey", linewidth=0.6)
-    axis.set_xlabel(parameter)
-    axis.set_ylabel("final Δ log p(y|x) (nats)")
-    axis.set_title(title)
-    axis.legend(fontsize="small", ncol=2)
-    figure.tight_layout()
+def plot_sweep_comparison(table: Sequence[Mapping], x: str, group_by: Sequence[str], categories: Sequence[str],
+                          title: str = ""):
+    """One panel per category: final (solid) and peak (dashed) Δ log p vs `x`, one line per group
+    (e.g. per model size or lr); a last panel with the final reward accuracy."""
+    groups: dict[str, list[Mapping]] = {}
+    for row in table:
+        label = " ".join(f"{k}={row[k]}" for k in group_by) or "all trials"
+        groups.setdefault(label, []).append(row)
+    panels = list(categories) + ["reward_accuracy"]
+    columns = 3
+    rows = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
+    xs_all = [r[x] for r in table if isinstance(r[x], (int, float))]
+    log_x = bool(xs_all) and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10
+    for index, panel in enumerate(panels):
+        axis = axes[index // columns][index % columns]
+        for color, (label, members) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 8, groups.items()):
+            members = sorted(members, key=lambda r: r[x])
+            xs = [r[x] for r in members]
+            if panel == "reward_accuracy":
+                axis.plot(xs, [r.get("reward_accuracy", float("nan")) for r in members], marker="o", color=color, label=label)
+                continue
+            axis.plot(xs, [r.get(f"delta/{panel}", float("nan")) for r in members], marker="o", color=color, label=label)
+            axis.plot(xs, [r.get(f"peak_delta/{panel}", float("nan")) for r in members], marker=".", linestyle="--",
+                      color=color, alpha=0.6)
+        if panel != "reward_accuracy":
+            axis.axhline(0.0, color="grey", linewidth=0.6)
+        if log_x:
+            axis.set_xscale("log")
+        axis.set_title(panel if panel != "reward_accuracy" else "final reward accuracy")
+        axis.set_xlabel(x)
+        axis.set_ylabel("Δ log p (nats)" if panel != "reward_accuracy" else "accuracy")
+    for index in range(len(panels), rows * columns):
+        axes[index // columns][index % columns].axis("off")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize="small")
+    figure.suptitle(f"{title}\nsolid: final Δ, dashed: peak Δ (largest |Δ| over evaluations)")
+    figure.tight_layout(rect=(0, 0.05, 1, 0.93))
     return figure

@@ -111,7 +111,7 @@ def test_records_gathered_from_both_ranks_and_artifacts(sweep):
     assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")} == {"figures/category_curves.png"}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "config")} == {"config/resolved_config.yaml"}
     parent_files = {a.path for d in ("summary", "figures", "probe_set") for a in client.list_artifacts(parent.info.run_id, d)}
-    assert {"summary/final_delta_logp.csv", "figures/category_curves.png", "figures/final_delta_vs_beta.png",
+    assert {"summary/sweep_summary.csv", "figures/category_curves.png", "figures/final_delta_vs_beta.png",
             "probe_set/probes.jsonl", "probe_set/manifest.json"} <= parent_files
 
 

@@ -1,0 +1,71 @@
+"""What a finished sweep shows on its parent run: a table, a CSV and comparison figures.
+
+Everything is read back from the child runs in MLflow (not from memory), so the summary of a
+resumed sweep covers the trials of every session.
+"""
+from __future__ import annotations
+
+from probes.plots import plot_category_curves, plot_sweep_comparison
+from probes.probe_set import DYNAMIC_CATEGORIES, STATIC_CATEGORIES
+from sweeps.search import SEARCHABLE
+from sweeps.tracking import Tracker, mlflow_ui_command
+
+CATEGORIES = list(STATIC_CATEGORIES) + list(DYNAMIC_CATEGORIES)
+
+
+def delta_summary(history: list[tuple[int, float]]) -> tuple[float, float]:
+    """(final Δ, peak Δ) relative to the first evaluation; peak = the Δ of largest magnitude."""
+    start = history[0][1]
+    deltas = [value - start for _, value in history]
+    return deltas[-1], max(deltas, key=abs)
+
+
+def run_row(tracker: Tracker, run) -> dict:
+    params = run.data.params
+    row = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
+           "beta": float(params.get("beta", "nan")), "lr": float(params.get("lr", "nan")),
+           "model": params.get("model"), "loss": params.get("loss"), "seed": int(params.get("seed", 0)),
+           "sft_recipe": params.get("sft_recipe"),
+           "reward_accuracy": run.data.metrics.get("dpo/reward_accuracy")}
+    for category in CATEGORIES:
+        for prefix, name in (("logp", "delta"), ("logp_tok", "delta_tok")):
+            history = tracker.metric_history(run.info.run_id, f"{prefix}/{category}")
+            if history:
+                row[f"{name}/{category}"], row[f"peak_{name}/{category}"] = delta_summary(history)
+    return row
+
+
+def comparison_axes(table: list[dict], searched: list[str]) -> tuple[str, list[str]]:
+    """x axis: beta when it varies, else the first searched key that varies; lines: the other varied keys."""
+    varied = [k for k in SEARCHABLE if len({r[k] for r in table}) > 1 and (k in searched or k == "beta")]
+    x = "beta" if "beta" in varied else (varied[0] if varied else (searched[0] if searched else "beta"))
+    return x, [k for k in varied if k != x]
+
+
+def summarize_sweep(tracker: Tracker, name: str, parent_run_id: str, experiment_id: str,
+                    searched: list[str]) -> tuple[list[dict], list[str]]:
+    import pandas as pd
+
+    children = [r for r in tracker.child_runs(experiment_id, parent_run_id) if r.data.tags.get("stage") == "sweep"]
+    table = sorted((run_row(tracker, r) for r in children), key=lambda r: tuple(str(r[k]) for k in SEARCHABLE))
+    if table:
+        x, group_by = comparison_axes(table, searched)
+        tracker.log_dataframe(parent_run_id, pd.DataFrame(table), "summary/sweep_summary.csv")
+        curves = {r["run_name"]: {c: tracker.metric_history(r["run_id"], f"logp/{c}") for c in CATEGORIES} for r in table}
+        tracker.log_figure(parent_run_id, plot_category_curves(curves, title=f"sweep {name}: Δ log p per category"),
+                           "figures/category_curves.png")
+        tracker.log_figure(parent_run_id, plot_sweep_comparison(table, x, group_by, CATEGORIES, title=f"sweep {name}"),
+                           f"figures/final_delta_vs_{x}.png")
+    failed = [r["run_name"] for r in table if r["status"] not in ("FINISHED", "KILLED")]
+    return table, failed
+
+
+def print_outcome(outcome) -> None:
+    print("\nfinal Δ log p (nats, last minus first evaluation) per trial:")
+    for row in outcome.summary:
+        deltas = "  ".join(f"{c}={row.get(f'delta/{c}', float('nan')):+.2f}" for c in CATEGORIES)
+        print(f"  {row['run_name']:<28} {deltas}")
+    if outcome.failed_trials:
+        print(f"\nFAILED trials: {outcome.failed_trials}")
+    print(f"\nresults: MLflow {outcome.tracking_uri}\n  experiment: {outcome.experiment_name}\n"
+          f"  parent run: {outcome.parent_run_id}\n  open with:  {mlflow_ui_command(outcome.tracking_uri)}")
