@@ -1,9 +1,12 @@
-"""A DPO beta sweep: SFT warm-up on chosen responses (once, shared), then DPO at each beta.
+"""A DPO beta sweep: SFT warm-up (once, shared), then a preference-optimisation trial per beta x lr.
 
     python sweeps/dpo_beta.py                       # embedded default: tiny model, built-in data, local Ray
-    python sweeps/dpo_beta.py --betas 0.1 0.5 --lrs 1e-4 5e-4 --model tiny-pythia-4m
+    python sweeps/dpo_beta.py --betas 0.1 0.5 --lrs 1e-4 5e-4 --losses dpo ipo --seeds 0 1
+    python sweeps/dpo_beta.py --sft-recipes chosen both     # the squeezing-effect remedy: SFT on chosen and rejected
+    python sweeps/dpo_beta.py --search optuna --num-samples 12 --scheduler asha --metric dpo/reward_accuracy --mode max
     python sweeps/dpo_beta.py --model EleutherAI/pythia-410m --dataset Anthropic/hh-rlhf:helpful-base \\
         --address auto --tracking-uri http://head:5000 --use-gpu true
+    python sweeps/dpo_beta.py --resume              # continue an interrupted sweep of the same --name
 """
 from __future__ import annotations
 
@@ -15,14 +18,14 @@ if __package__ in (None, ""):  # run as a script: make the project importable wi
 
 from sweeps.config import parse_config  # noqa: E402
 from sweeps.driver import print_outcome, run_sweep  # noqa: E402
+from sweeps.search import search_space  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ray import tune
-
     config = parse_config(argv, __doc__)
-    search_space = {"beta": tune.grid_search(config.betas), "lr": tune.grid_search(config.sweep_lrs())}
-    outcome = run_sweep(config, search_space)
+    space = search_space(config, {"beta": config.betas, "lr": config.sweep_lrs(), "loss": config.losses,
+                                  "seed": config.seeds, "sft_recipe": config.sft_recipes})
+    outcome = run_sweep(config, space)
     print_outcome(outcome)
     return 1 if outcome.failed_trials else 0
 
