@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from trainers.batches import ShardedBatches
 from trainers.collate import collate_preference_batch, tokenize_pair, tokenize_pairs
