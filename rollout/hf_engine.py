@@ -50,3 +50,81 @@ def generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_t
         model.train(was_training)
     texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
     return Generation(token_ids=outputs, texts=texts)
+
+
+class HFEngine:
+    """The `GenerationEngine` on transformers: batched, left-padded `generate` on CPU or GPU.
+
+    Sampling log-probs come from the raw logits (`output_logits`), log-softmaxed at temperature 1,
+    which is what the trainer recomputes; temperature and top-p only shape what is sampled."""
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 16, device: str | None = None):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        if device:
+            self.model.to(device)
+        self.model.eval()
+        self.version = 0
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, seed: int = 0, device: str | None = None, **kwargs) -> "HFEngine":
+        from trainers.models import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(name_or_path, seed=seed)
+        return cls(model, tokenizer, device=device, **kwargs)
+
+    def generate(self, prompt_ids, params) -> "RolloutBatch":
+        from rollout.interface import RolloutBatch
+
+        pad_id, eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        device = next(self.model.parameters()).device
+        generator_seed = params.seed
+        tokens: list[list[int]] = []
+        logprobs: list[list[float]] = []
+        for start in range(0, len(prompt_ids), self.batch_size):
+            chunk = [list(p) for p in prompt_ids[start:start + self.batch_size]]
+            width = max(len(p) for p in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros_like(input_ids)
+            for i, ids in enumerate(chunk):
+                input_ids[i, width - len(ids):] = torch.tensor(ids)
+                attention_mask[i, width - len(ids):] = 1
+            if generator_seed is not None:
+                torch.manual_seed(generator_seed + start)
+            sampling = {} if params.greedy else {"temperature": params.temperature, "top_p": params.top_p}
+            with torch.no_grad():
+                out = self.model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    max_new_tokens=params.max_new_tokens, do_sample=not params.greedy, top_k=None,
+                    pad_token_id=pad_id, eos_token_id=eos_id, output_logits=True, return_dict_in_generate=True,
+                    **({"top_p": None} if params.greedy else sampling),
+                )
+            new = out.sequences[:, width:]
+            step_logps = torch.stack([torch.log_softmax(step.float(), -1) for step in out.logits], dim=1)
+            picked = step_logps.gather(-1, new[:, : step_logps.shape[1], None]).squeeze(-1)
+            for row, row_logps in zip(new.tolist(), picked.tolist()):
+                length = row.index(eos_id) + 1 if eos_id in row else len(row)
+                tokens.append(row[:length])
+                logprobs.append(row_logps[:length])
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return RolloutBatch(prompt_ids=[list(p) for p in prompt_ids], token_ids=tokens, texts=texts,
+                            logprobs=logprobs, policy_version=self.version, engine=self.name)
+
+    def load_weights(self, state_dict, version: int) -> None:
+        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if not k.endswith("masked_bias")]
+        if missing or unexpected:
+            raise ValueError(f"weights do not fit the rollout model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.version = version
+
+    def score(self, prompt_ids, response_ids) -> list[list[float]]:
+        from trainers.collate import collate_sequences
+        from trainers.logprobs import response_token_logps
+
+        batch = collate_sequences(prompt_ids, response_ids, self.tokenizer.pad_token_id)
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            logits = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        values, _ = response_token_logps(logits, batch["labels"].to(device), [len(r) for r in response_ids])
+        return [values[i, : len(r)].tolist() for i, r in enumerate(response_ids)]

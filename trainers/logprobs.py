@@ -5,6 +5,8 @@ so masking, shifting and precision are decided once.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -58,3 +60,24 @@ def sequence_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tens
     Returns (sums [B], means [B], counts [B]) over the unmasked tokens; a row with no token has mean 0.
     """
     return aligned_sequence_logps(logits[:, :-1], labels[:, 1:])
+
+
+def response_token_logps(logits: Tensor, labels: Tensor, response_lengths: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """log p of each response token, left-aligned: ([B, R] values, [B, R] mask), R = longest response.
+
+    For PPO and rollouts, which need per-token values (ratios, KL, advantages) rather than sums.
+    `logits`/`labels` as in `sequence_logps` over right-padded prompt+response rows whose labelled
+    tokens are exactly the responses (`trainers.collate.collate_sequences`)."""
+    shifted_labels = labels[:, 1:]
+    scored = shifted_labels != IGNORE_INDEX
+    per_token = token_logps(logits[:, :-1], shifted_labels.masked_fill(~scored, 0))
+    width = max(response_lengths, default=0)
+    values = per_token.new_zeros((len(response_lengths), width))
+    mask = torch.zeros((len(response_lengths), width), dtype=torch.bool, device=per_token.device)
+    for row, length in enumerate(response_lengths):
+        positions = scored[row].nonzero().squeeze(-1)
+        if len(positions) != length:
+            raise ValueError(f"row {row}: {len(positions)} labelled tokens, expected a response of {length}")
+        values[row, :length] = per_token[row, positions]
+        mask[row, :length] = True
+    return values, mask

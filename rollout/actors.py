@@ -1,0 +1,154 @@
+"""Rollout actors: a pool of Ray actors, separate from the Ray Train worker group, each holding a
+generation engine. Requests are split over the actors; weights are pushed to all of them after
+policy updates and every rollout records the policy version that produced it.
+
+CPU path of the weight sync: the trainer puts its state dict in the object store once and every
+actor loads that same object. Every call waits with a timeout, so a dead actor is an error, not a
+hang.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Mapping, Sequence
+
+import ray
+
+from rollout.interface import RolloutBatch, SamplingParams
+
+
+class RolloutError(RuntimeError):
+    pass
+
+
+@dataclass
+class RolloutConfig:
+    model: str = "tiny-pythia-1m"            # name or folder the actors load before the first sync
+    engine: str = "auto"                     # auto (vllm when CUDA and vllm are present), hf or vllm
+    num_actors: int = 2
+    cpus_per_actor: float = 0.2
+    gpus_per_actor: float = 0.0
+    batch_size: int = 16
+    seed: int = 0
+    timeout_s: float = 300.0                 # longest wait for any actor call (generation or weight load)
+    vllm_gpu_memory_utilization: float = 0.4
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_engine(kind: str) -> str:
+    if kind not in ("auto", "hf", "vllm"):
+        raise ValueError(f"rollout engine must be auto, hf or vllm; got {kind!r}")
+    if kind != "auto":
+        return kind
+    import importlib.util
+
+    import torch
+
+    return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
+
+
+def build_engine(config: RolloutConfig, seed: int):
+    kind = resolve_engine(config.engine)
+    if kind == "vllm":
+        from rollout.vllm_engine import VLLMEngine  # the only import of vllm, on a GPU
+
+        return VLLMEngine(config.model, seed=seed, gpu_memory_utilization=config.vllm_gpu_memory_utilization)
+    import torch
+
+    from rollout.hf_engine import HFEngine
+
+    torch.set_num_threads(1)  # actors share a few cores with the trainer's workers
+    device = "cuda" if config.gpus_per_actor > 0 and torch.cuda.is_available() else None
+    return HFEngine.from_pretrained(config.model, seed=seed, device=device, batch_size=config.batch_size)
+
+
+@ray.remote
+class RolloutActor:
+    def __init__(self, config: dict, index: int):
+        self.config, self.index = RolloutConfig(**config), index
+        self.engine = build_engine(self.config, seed=self.config.seed)  # same start weights on every actor
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
+        started = time.perf_counter()
+        if params.seed is not None:  # actors draw different streams from one request seed
+            params = replace(params, seed=params.seed + 1_000_003 * self.index)
+        batch = self.engine.generate(prompt_ids, params)
+        batch.info = {"actor": self.index, "seconds": time.perf_counter() - started}
+        return batch
+
+    def load_weights(self, state_dict: Mapping[str, Any], version: int) -> int:
+        self.engine.load_weights(state_dict, version)
+        return self.engine.version
+
+    def score(self, prompt_ids, response_ids) -> list[list[float]]:
+        return self.engine.score(prompt_ids, response_ids)
+
+    # the NCCL path (rollout.nccl_sync), vLLM engines only
+    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> None:
+        self.engine.init_weight_group(host, port, rank_offset, world_size, timeout_s)
+
+    def receive_broadcast(self, metadata: list, version: int) -> int:
+        self.engine.receive_broadcast(metadata, version)
+        return self.engine.version
+
+    def version(self) -> int:
+        return self.engine.version
+
+
+class RolloutPool:
+    """The actors and the calls the trainer makes on them. Picklable: Ray Train workers get it in
+    their loop config and call it like the driver would."""
+
+    def __init__(self, config: RolloutConfig, actors: list | None = None):
+        self.config = config
+        if actors is None:
+            resources = {"num_cpus": config.cpus_per_actor, "num_gpus": config.gpus_per_actor}
+            actors = [RolloutActor.options(**resources).remote(config.to_dict(), i) for i in range(config.num_actors)]
+        self.actors = actors
+
+    def _get(self, refs, what: str):
+        try:
+            return ray.get(refs, timeout=self.config.timeout_s)
+        except ray.exceptions.GetTimeoutError as error:
+            raise RolloutError(f"rollout actors did not finish {what} within {self.config.timeout_s:.0f}s") from error
+        except ray.exceptions.RayActorError as error:
+            raise RolloutError(f"a rollout actor died during {what}: {error}") from error
+        except ray.exceptions.RayTaskError as error:
+            cause = getattr(error, "cause", None) or error
+            raise RolloutError(f"{what} failed on a rollout actor: {type(cause).__name__}: {cause}") from error
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
+        """Contiguous chunks, one per actor, reassembled in the prompts' order."""
+        if not prompt_ids:
+            raise ValueError("no prompts to generate for")
+        n = len(self.actors)
+        bounds = [round(i * len(prompt_ids) / n) for i in range(n + 1)]
+        refs = [actor.generate.remote(list(prompt_ids[a:b]), params)
+                for actor, a, b in zip(self.actors, bounds, bounds[1:]) if b > a]
+        started = time.perf_counter()
+        parts = self._get(refs, "generation")
+        batch = RolloutBatch.concat(parts)
+        batch.info = {"seconds": time.perf_counter() - started, "actors": len(parts)}
+        return batch
+
+    def sync_weights(self, state_dict: Mapping[str, Any], version: int) -> float:
+        """Push weights to every actor (one object-store copy); returns the seconds it took."""
+        started = time.perf_counter()
+        shared = ray.put({k: v.detach().cpu() if hasattr(v, "detach") else v for k, v in state_dict.items()})
+        versions = self._get([actor.load_weights.remote(shared, version) for actor in self.actors], "weight sync")
+        if set(versions) != {version}:
+            raise RolloutError(f"actors report versions {versions} after syncing version {version}")
+        return time.perf_counter() - started
+
+    def score(self, prompt_ids, response_ids, actor: int = 0) -> list[list[float]]:
+        return self._get(self.actors[actor].score.remote(prompt_ids, response_ids), "scoring")
+
+    def versions(self) -> list[int]:
+        return self._get([actor.version.remote() for actor in self.actors], "version query")
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []

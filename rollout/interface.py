@@ -1,0 +1,72 @@
+"""The one generation interface every engine implements (Hugging Face `generate`, vLLM).
+
+Inputs and outputs are token ids, so what the trainer scores is exactly what the engine sampled.
+Each rollout carries the log-probs the engine assigned to its own tokens (from the raw logits, at
+temperature 1, as vLLM reports them by default) and the policy version that produced it: the
+trainer recomputes log-probs for the PPO ratio and logs the gap as `ppo/logprob_mismatch`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 32
+    temperature: float = 1.0     # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class RolloutBatch:
+    prompt_ids: list[list[int]]
+    token_ids: list[list[int]]            # generated tokens per prompt, through EOS when produced
+    texts: list[str]
+    logprobs: list[list[float]]           # the engine's log p of each generated token
+    policy_version: int = 0
+    engine: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+    @staticmethod
+    def concat(batches: Sequence["RolloutBatch"]) -> "RolloutBatch":
+        """Parts from several actors, in order; they must come from one policy version."""
+        versions = {b.policy_version for b in batches}
+        if len(versions) > 1:
+            raise ValueError(f"rollouts from different policy versions {sorted(versions)} cannot be mixed")
+        return RolloutBatch(
+            prompt_ids=[p for b in batches for p in b.prompt_ids], token_ids=[t for b in batches for t in b.token_ids],
+            texts=[t for b in batches for t in b.texts], logprobs=[lp for b in batches for lp in b.logprobs],
+            policy_version=versions.pop() if versions else 0, engine=",".join(sorted({b.engine for b in batches})),
+        )
+
+
+class GenerationEngine(Protocol):
+    name: str
+    version: int
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch: ...
+
+    def load_weights(self, state_dict: Mapping[str, Any], version: int) -> None: ...
+
+    def score(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+        """log p of each given response token under the engine's current weights (checks a sync)."""
+        ...
