@@ -46,7 +46,7 @@ def test_dpo_starts_at_log2_and_every_parameter_moves(builtin_probe_dir):
         assert not torch.equal(parameter, reference[name]), f"{name} did not change"
     categories = {r["category"] for r in records}
     assert categories == {"chosen", "rejected", "paraphrase_chosen", "paraphrase_rejected", "variant", "random",
-                          "nonresponse", "greedy"}
+                          "nonresponse", "greedy", "sample"}
     assert len(records) == 4 * len(categories)
     assert all(r["num_tokens"] > 0 and r["logp_sum"] < 0 for r in records)
     assert set(summary) == {f"{p}/{c}" for p in ("logp", "logp_tok") for c in categories}

@@ -44,7 +44,7 @@ class TrainConfig:
     eval_every: int = _f(10, "score the probe set every N steps (and at step 0 and the last step)")
     num_probe_prompts: int = _f(32, "evaluation prompts in the probe set")
     probe_batch_prompts: int = _f(8, "prompts scored together in one shared-prompt pass")
-    greedy_max_tokens: int = _f(48, "length limit of the greedy decode that forms the `greedy` category")
+    greedy_max_tokens: int = _f(48, "length limit of the policy's own decodes that form the `greedy` and `sample` categories")
     probe_set_dir: str | None = _f(None, "a saved probe set folder (the sweep builds and sets it)")
     # distribution
     num_workers: int = _f(2, "Ray Train workers per trial (DDP)")

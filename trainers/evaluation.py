@@ -33,16 +33,29 @@ def tokenize_probe_set(probe_set: ProbeSet, tokenizer, max_prompt_tokens: int, m
     return TokenizedProbes(tuple(probe_set.categories), prompts, responses)
 
 
+def policy_decodes(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                   sample_seed: int) -> dict[str, tuple[list[list[int]], list[str]]]:
+    """The dynamic categories made in-process: `greedy`, and `sample` (temperature 1, seeded so a
+    resumed or repeated run draws the same samples). Trainers with rollout actors pass theirs instead."""
+    greedy = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    sample = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=True, seed=sample_seed)
+    return {"greedy": (greedy.token_ids, greedy.texts), "sample": (sample.token_ids, sample.texts)}
+
+
 def evaluate_probes(model, tokenizer, probes: TokenizedProbes, prompt_ids: Sequence[int], *,
-                    greedy_max_tokens: int, prompts_per_batch: int = 8) -> list[dict]:
-    """One record per (prompt, category), `greedy` included: the policy's own decode, made now."""
+                    greedy_max_tokens: int, prompts_per_batch: int = 8, sample_seed: int = 0,
+                    decodes: dict[str, tuple[list[list[int]], list[str]]] | None = None) -> list[dict]:
+    """One record per (prompt, category), the dynamic ones included (`decodes`: category -> the
+    policy's token ids and texts per prompt, made now; default: greedy and sample in-process)."""
     if not prompt_ids:
         return []
     prompts = [probes.prompt_ids[i] for i in prompt_ids]
-    greedy = generate(model, tokenizer, prompts, max_new_tokens=greedy_max_tokens)
-    categories = probes.categories + ("greedy",)
+    if decodes is None:
+        decodes = policy_decodes(model, tokenizer, prompts, max_new_tokens=greedy_max_tokens, sample_seed=sample_seed)
+    dynamic = tuple(decodes)
+    categories = probes.categories + dynamic
     responses = [
-        [probes.response_ids[c][i] for c in probes.categories] + [greedy.token_ids[j]]
+        [probes.response_ids[c][i] for c in probes.categories] + [decodes[c][0][j] for c in dynamic]
         for j, i in enumerate(prompt_ids)
     ]
     scores = score_shared_prompt(model, prompts, responses, pad_id=tokenizer.pad_token_id,
@@ -54,7 +67,7 @@ def evaluate_probes(model, tokenizer, probes: TokenizedProbes, prompt_ids: Seque
                 "prompt_id": int(prompt_id), "category": category,
                 "logp_sum": float(scores.sums[j, k]), "logp_mean": float(scores.means[j, k]),
                 "num_tokens": int(scores.counts[j, k]),
-                "response": greedy.texts[j] if category == "greedy" else "",
+                "response": decodes[category][1][j] if category in decodes else "",
             })
     return records
 

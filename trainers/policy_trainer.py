@@ -128,6 +128,7 @@ class PolicyTrainer:
         """Score this rank's probe prompts, gather all ranks, summarise per category."""
         records = evaluate_probes(unwrap(self.model), self.tokenizer, self.probes, self.probe_prompts,
                                   greedy_max_tokens=self.config.greedy_max_tokens,
+                                  sample_seed=self.config.seed * 1_000_003 + self.step,
                                   prompts_per_batch=self.config.probe_batch_prompts)
         records = gather_records(records)
         return summarize_records(records), records
