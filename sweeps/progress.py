@@ -20,8 +20,8 @@ class TrialProgress(tune.Callback):
     def _bar(self, trial) -> tqdm:
         if trial.trial_id not in self._bars:
             searched = {k: v for k, v in trial.config.items() if k in SEARCHABLE}
-            label = " ".join(f"{k}={v}" for k, v in searched.items()) or self.stage
-            self._bars[trial.trial_id] = tqdm(total=self.total_steps, desc=f"{self.stage} {label}",
+            label = " ".join([self.stage] + [f"{k}={v}" for k, v in searched.items()])
+            self._bars[trial.trial_id] = tqdm(total=self.total_steps, desc=label,
                                               position=len(self._bars), leave=True, unit="step", dynamic_ncols=True)
         return self._bars[trial.trial_id]
 
