@@ -76,6 +76,17 @@ def trial_run_name(train: dict, searched: dict) -> str:
     return " ".join(parts) or train["loss"]
 
 
+def rollout_pool(config: TrainConfig):
+    """The trial's rollout actors (PPO): separate from the Train workers, they start from the same
+    weights and are synced by rank 0 after updates."""
+    from rollout.actors import RolloutConfig, RolloutPool
+
+    return RolloutPool(RolloutConfig(
+        model=config.init_checkpoint or config.model, engine=config.rollout_engine, num_actors=config.rollout_actors,
+        cpus_per_actor=config.rollout_cpus_per_actor, gpus_per_actor=config.rollout_gpus_per_actor,
+        batch_size=config.micro_batch_size, seed=config.seed, timeout_s=config.rollout_timeout_s))
+
+
 def recipe_of(searched: dict, ctx: dict) -> str:
     return searched.get("sft_recipe", ctx["sft_recipe"])
 
@@ -125,9 +136,13 @@ def run_trial(trial_config: dict) -> None:
     final_model_dir = (ctx.get("final_model_dirs", {}).get(warmup_key(train["model"], recipe_of(searched, ctx)))
                        or str(Path(ctx["storage_path"]) / ctx["sweep_name"] / "models" / trial_dir_name))
     config = TrainConfig.from_dict(train)
+    loop_config = {"train": train, "final_model_dir": final_model_dir}
+    pool = rollout_pool(config) if config.loss == "ppo" else None
+    if pool is not None:
+        loop_config["rollout_pool"] = pool
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": train, "final_model_dir": final_model_dir},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"GPU": config.gpus_per_worker} if config.use_gpu else {"CPU": config.cpus_per_worker}),
         run_config=RunConfig(
@@ -142,6 +157,9 @@ def run_trial(trial_config: dict) -> None:
     except Exception:
         tracker.end_run(run_id, failed=True)
         raise
+    finally:
+        if pool is not None:
+            pool.shutdown()
     curves = category_curves(tracker, run_id, ctx["categories"])
     figure = plot_category_curves({run_name: curves}, title=f"{ctx['sweep_name']} — {run_name}")
     tracker.log_figure(run_id, figure, "figures/category_curves.png")

@@ -26,7 +26,7 @@ class TrainConfig:
     max_response_tokens: int = _f(64, "responses are cut from the right to this many tokens (EOS included)")
     truncation: str = _f("truncate", "'truncate' cuts over-long rows as above; 'error' treats them as bad rows", choices=("truncate", "error"))
     # objective
-    loss: str = _f("dpo", "sft, dpo, cdpo (label-smoothed DPO) or ipo")
+    loss: str = _f("dpo", "sft, dpo, cdpo (label-smoothed DPO), ipo or ppo")
     sft_targets: str = _f("chosen", "what SFT trains on: the 'chosen' responses, or 'both' chosen and rejected", choices=("chosen", "both"))
     beta: float = _f(0.1, "DPO/IPO temperature beta (> 0)")
     label_smoothing: float = _f(0.0, "cDPO label smoothing in [0, 0.5); loss=cdpo uses 0.1 when this is 0")
@@ -40,6 +40,27 @@ class TrainConfig:
     grad_accum_steps: int = _f(1, "micro-batches accumulated per optimizer step")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     seed: int = _f(0, "seed of model init, data order and sampling")
+    # PPO (loss=ppo): rollouts from the actor pool, rewards from a rule or a reward model
+    reward: str = _f("rule", "PPO reward: 'rule' (built-in: the prompt's key words the answer uses, minus unhelpful phrases) or a reward-model folder (sweeps/reward_model.py)")
+    ppo_kl_coef: float = _f(0.05, "KL penalty coefficient to the frozen reference (per token)")
+    ppo_kl_estimator: str = _f("k1", "per-token KL estimator: k1 (log ratio) or k3 (non-negative)", choices=("k1", "k3"))
+    ppo_target_kl: float = _f(0.0, "adaptive KL controller's target KL per sequence (0: fixed coefficient)")
+    ppo_kl_horizon: float = _f(1000.0, "adaptive KL controller's horizon in sequences")
+    ppo_gamma: float = _f(1.0, "discount of GAE")
+    ppo_lam: float = _f(0.95, "lambda of GAE")
+    ppo_clip: float = _f(0.2, "policy ratio clip")
+    ppo_value_clip: float = _f(0.2, "value clip (in reward units)")
+    ppo_vf_coef: float = _f(0.1, "weight of the value loss")
+    ppo_epochs: int = _f(2, "passes over each rollout batch")
+    ppo_minibatches: int = _f(2, "minibatches per pass (per worker)")
+    ppo_max_new_tokens: int = _f(24, "length limit of a rollout")
+    ppo_temperature: float = _f(1.0, "sampling temperature of rollouts")
+    rollout_engine: str = _f("auto", "auto (vLLM when CUDA and vllm are present), hf or vllm", choices=("auto", "hf", "vllm"))
+    rollout_actors: int = _f(2, "rollout actors per trial (separate from the training workers)")
+    rollout_cpus_per_actor: float = _f(0.15, "CPU share per rollout actor")
+    rollout_gpus_per_actor: float = _f(0.0, "GPU share per rollout actor (e.g. 1 on a GPU cluster)")
+    rollout_sync_every: int = _f(1, "push the policy's weights to the actors every N updates")
+    rollout_timeout_s: float = _f(300.0, "longest wait for a rollout or a weight sync before the trial fails")
     # evaluation
     eval_every: int = _f(10, "score the probe set every N steps (and at step 0 and the last step)")
     num_probe_prompts: int = _f(32, "evaluation prompts in the probe set")
@@ -55,17 +76,22 @@ class TrainConfig:
     report_every: int = _f(5, "send buffered per-step metrics to Tune/MLflow every N steps (each report is a round trip)")
 
     def __post_init__(self):
-        if self.loss not in ("sft", "dpo", "cdpo", "ipo"):
-            raise ValueError(f"loss must be one of sft, dpo, cdpo, ipo; got {self.loss!r}")
-        if self.loss != "sft" and self.beta <= 0:
+        if self.loss not in ("sft", "dpo", "cdpo", "ipo", "ppo"):
+            raise ValueError(f"loss must be one of sft, dpo, cdpo, ipo, ppo; got {self.loss!r}")
+        if self.loss in ("dpo", "cdpo", "ipo") and self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if self.sft_targets not in ("chosen", "both"):
             raise ValueError(f"sft_targets must be 'chosen' or 'both', got {self.sft_targets!r}")
         if self.truncation not in ("truncate", "error"):
             raise ValueError(f"truncation must be 'truncate' or 'error', got {self.truncation!r}")
+        if self.ppo_kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"ppo_kl_estimator must be k1 or k3, got {self.ppo_kl_estimator!r}")
+        if self.loss == "ppo" and self.micro_batch_size % self.ppo_minibatches:
+            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) must be a multiple of ppo_minibatches ({self.ppo_minibatches})")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker and gpus_per_worker must be > 0, got {self.cpus_per_worker}, {self.gpus_per_worker}")
-        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_every", "num_workers", "num_probe_prompts", "report_every", "checkpoint_every"):
+        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_every", "num_workers", "num_probe_prompts", "report_every", "checkpoint_every",
+                     "ppo_epochs", "ppo_minibatches", "ppo_max_new_tokens", "rollout_actors", "rollout_sync_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 

@@ -62,22 +62,30 @@ def sequence_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tens
     return aligned_sequence_logps(logits[:, :-1], labels[:, 1:])
 
 
-def response_token_logps(logits: Tensor, labels: Tensor, response_lengths: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """log p of each response token, left-aligned: ([B, R] values, [B, R] mask), R = longest response.
+def gather_response_positions(per_position: Tensor, labels: Tensor, response_lengths: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Left-align what each position says about the response token it predicts: ([B, R], mask [B, R]).
 
-    For PPO and rollouts, which need per-token values (ratios, KL, advantages) rather than sums.
-    `logits`/`labels` as in `sequence_logps` over right-padded prompt+response rows whose labelled
-    tokens are exactly the responses (`trainers.collate.collate_sequences`)."""
+    `per_position` [B, T-1] is indexed like `logits[:, :-1]` (position t predicts token t + 1), e.g.
+    per-token log-probs or a value head's outputs; `labels` [B, T] label exactly the response tokens
+    of right-padded prompt+response rows (`trainers.collate.collate_sequences`). R = longest response.
+    PPO works on these [B, R] tensors: ratios, KL, values and advantages per generated token."""
+    scored = labels[:, 1:] != IGNORE_INDEX
+    counts = scored.sum(-1)
+    lengths = torch.as_tensor(list(response_lengths), device=labels.device)
+    if not torch.equal(counts, lengths):
+        bad = int((counts != lengths).nonzero()[0])
+        raise ValueError(f"row {bad}: {int(counts[bad])} labelled tokens, expected a response of {int(lengths[bad])}")
+    width = int(lengths.max()) if len(lengths) else 0
+    start = scored.to(torch.int64).argmax(-1)  # the first labelled position of each row
+    offsets = torch.arange(width, device=labels.device)
+    mask = offsets[None, :] < lengths[:, None]
+    index = (start[:, None] + offsets[None, :]).clamp(max=per_position.shape[1] - 1)
+    values = torch.gather(per_position, 1, index)
+    return torch.where(mask, values, torch.zeros_like(values)), mask
+
+
+def response_token_logps(logits: Tensor, labels: Tensor, response_lengths: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """log p of each response token, left-aligned: ([B, R] values, [B, R] mask), R = longest response."""
     shifted_labels = labels[:, 1:]
-    scored = shifted_labels != IGNORE_INDEX
-    per_token = token_logps(logits[:, :-1], shifted_labels.masked_fill(~scored, 0))
-    width = max(response_lengths, default=0)
-    values = per_token.new_zeros((len(response_lengths), width))
-    mask = torch.zeros((len(response_lengths), width), dtype=torch.bool, device=per_token.device)
-    for row, length in enumerate(response_lengths):
-        positions = scored[row].nonzero().squeeze(-1)
-        if len(positions) != length:
-            raise ValueError(f"row {row}: {len(positions)} labelled tokens, expected a response of {length}")
-        values[row, :length] = per_token[row, positions]
-        mask[row, :length] = True
-    return values, mask
+    per_token = token_logps(logits[:, :-1], shifted_labels.masked_fill(shifted_labels == IGNORE_INDEX, 0))
+    return gather_response_positions(per_token, labels, response_lengths)

@@ -72,6 +72,7 @@ class PolicyTrainer:
         self.probes = tokenize_probe_set(probe_set, self.tokenizer, config.max_prompt_tokens, config.max_response_tokens)
         self.probe_prompts = [i for i in probe_set.shard(rank, world_size) if i < config.num_probe_prompts]
 
+        model = self.trainable_model(model)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         warmup = max(1, config.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
@@ -79,6 +80,14 @@ class PolicyTrainer:
         self._raw_model = model
         self.model = model
         self._wrap_model = wrap_model
+
+    def trainable_model(self, model):
+        """What the optimizer and DDP see; PPO adds a value head around the language model."""
+        return model
+
+    def language_model(self):
+        """The causal LM alone (what generates, what is scored and saved)."""
+        return unwrap(self.model)
 
     @property
     def skipped_rows(self) -> int:
@@ -126,12 +135,16 @@ class PolicyTrainer:
 
     def evaluate(self) -> tuple[dict[str, float], list[dict]]:
         """Score this rank's probe prompts, gather all ranks, summarise per category."""
-        records = evaluate_probes(unwrap(self.model), self.tokenizer, self.probes, self.probe_prompts,
+        records = evaluate_probes(self.language_model(), self.tokenizer, self.probes, self.probe_prompts,
                                   greedy_max_tokens=self.config.greedy_max_tokens,
                                   sample_seed=self.config.seed * 1_000_003 + self.step,
-                                  prompts_per_batch=self.config.probe_batch_prompts)
+                                  prompts_per_batch=self.config.probe_batch_prompts, decodes=self.policy_decodes())
         records = gather_records(records)
         return summarize_records(records), records
+
+    def policy_decodes(self):
+        """The greedy and sample categories, if something other than in-process generation makes them."""
+        return None
 
     def state_dict(self) -> dict:
         return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -145,5 +158,5 @@ class PolicyTrainer:
 
     def save_pretrained(self, directory: str) -> None:
         """Hugging Face format, so anyone can re-score the last evaluation with plain transformers."""
-        unwrap(self.model).save_pretrained(directory)
+        self.language_model().save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)

@@ -43,7 +43,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank = context.get_world_rank()
     if not config.use_gpu:
         torch.set_num_threads(1)  # several workers share a few cores; more threads only contend
-    trainer = PolicyTrainer(config, rank, context.get_world_size(), wrap_model=ray.train.torch.prepare_model)
+    if config.loss == "ppo":  # rollouts from the trial's actor pool, handed over in the loop config
+        from trainers.ppo_trainer import PPOTrainer
+
+        trainer = PPOTrainer(config, rank, context.get_world_size(), wrap_model=ray.train.torch.prepare_model,
+                             pool=loop_config["rollout_pool"])
+    else:
+        trainer = PolicyTrainer(config, rank, context.get_world_size(), wrap_model=ray.train.torch.prepare_model)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
