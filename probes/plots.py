@@ -50,6 +50,10 @@ def plot_category_curves(runs: Mapping[str, Mapping[str, Curve]], title: str = "
     return figure
 
 
+def _number(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
 def plot_sweep_comparison(table: Sequence[Mapping], x: str, group_by: Sequence[str], categories: Sequence[str],
                           title: str = ""):
     """One panel per category: final (solid) and peak (dashed) Δ log p vs `x`, one line per group
@@ -58,7 +62,10 @@ def plot_sweep_comparison(table: Sequence[Mapping], x: str, group_by: Sequence[s
     for row in table:
         label = " ".join(f"{k}={row[k]}" for k in group_by) or "all trials"
         groups.setdefault(label, []).append(row)
-    panels = list(categories) + ["reward_accuracy"]
+    # the last panel: DPO's reward accuracy, or PPO's reward
+    score, score_title = (("reward_accuracy", "final reward accuracy") if any(r.get("reward_accuracy") is not None for r in table)
+                          else ("ppo_reward", "final PPO reward"))
+    panels = list(categories) + [score]
     columns = 3
     rows = math.ceil(len(panels) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
@@ -69,19 +76,20 @@ def plot_sweep_comparison(table: Sequence[Mapping], x: str, group_by: Sequence[s
         for color, (label, members) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 8, groups.items()):
             members = sorted(members, key=lambda r: r[x])
             xs = [r[x] for r in members]
-            if panel == "reward_accuracy":
-                axis.plot(xs, [r.get("reward_accuracy", float("nan")) for r in members], marker="o", color=color, label=label)
+            if panel == score:
+                axis.plot(xs, [_number(r.get(score)) for r in members], marker="o", color=color, label=label)
                 continue
             axis.plot(xs, [r.get(f"delta/{panel}", float("nan")) for r in members], marker="o", color=color, label=label)
             axis.plot(xs, [r.get(f"peak_delta/{panel}", float("nan")) for r in members], marker=".", linestyle="--",
                       color=color, alpha=0.6)
-        if panel != "reward_accuracy":
+        if panel != score:
             axis.axhline(0.0, color="grey", linewidth=0.6)
         if log_x:
             axis.set_xscale("log")
-        axis.set_title(panel if panel != "reward_accuracy" else "final reward accuracy")
+            axis.set_xlim(min(xs_all) / 1.5, max(xs_all) * 1.5)  # also when a panel has no finite point
+        axis.set_title(panel if panel != score else score_title)
         axis.set_xlabel(x)
-        axis.set_ylabel("Δ log p (nats)" if panel != "reward_accuracy" else "accuracy")
+        axis.set_ylabel("Δ log p (nats)" if panel != score else score.replace("_", " "))
     for index in range(len(panels), rows * columns):
         axes[index // columns][index % columns].axis("off")
     handles, labels = axes[0][0].get_legend_handles_labels()

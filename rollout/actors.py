@@ -104,7 +104,11 @@ class RolloutPool:
     def __init__(self, config: RolloutConfig, actors: list | None = None):
         self.config = config
         if actors is None:
-            resources = {"num_cpus": config.cpus_per_actor, "num_gpus": config.gpus_per_actor}
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            # outside any placement group of the caller (a Tune trial reserves only its own small share)
+            resources = {"num_cpus": config.cpus_per_actor, "num_gpus": config.gpus_per_actor,
+                         "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)}
             actors = [RolloutActor.options(**resources).remote(config.to_dict(), i) for i in range(config.num_actors)]
         self.actors = actors
 

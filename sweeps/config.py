@@ -27,6 +27,7 @@ class SweepConfig:
     name: str = _f("dpo-beta", "sweep name: the MLflow parent run is 'sweep:<name>'")
     betas: list[float] = _f([0.05, 0.2, 0.8], "beta values to sweep (one trial per beta x lr)")
     lrs: list[float] | None = _f(None, "learning rates to sweep (default: just --lr)")
+    kl_coefs: list[float] | None = _f(None, "PPO KL coefficients to sweep (sweeps/ppo.py); default: just --ppo-kl-coef")
     losses: list[str] | None = _f(None, "preference losses to sweep (dpo, cdpo, ipo); default: just --loss")
     seeds: list[int] | None = _f(None, "seeds to sweep; default: just --seed")
     models: list[str] | None = _f(None, "models to sweep (sweeps/model_size.py); default: just --model")

@@ -39,6 +39,8 @@ class TrialProgress(tune.Callback):
             self._evals[trial.trial_id] = self._evals.get(trial.trial_id, 0) + 1
             postfix["evals"] = self._evals[trial.trial_id]
             postfix["logp chosen/rejected"] = f"{result['logp/chosen']:.1f}/{result['logp/rejected']:.1f}"
+        if "ppo/reward" in result:
+            postfix["reward"] = f"{result['ppo/reward']:.2f}"
         if "dpo/reward_accuracy" in result:
             postfix["acc"] = f"{result['dpo/reward_accuracy']:.2f}"
         bar.set_postfix(postfix, refresh=True)

@@ -12,8 +12,8 @@ from typing import Any, Sequence
 
 from sweeps.config import SweepConfig
 
-SEARCHABLE = ("beta", "lr", "loss", "seed", "model", "sft_recipe")
-TRAIN_FIELDS = ("beta", "lr", "loss", "seed", "model")  # the searchable keys that are TrainConfig fields
+SEARCHABLE = ("beta", "ppo_kl_coef", "lr", "loss", "seed", "model", "sft_recipe")
+TRAIN_FIELDS = ("beta", "ppo_kl_coef", "lr", "loss", "seed", "model")  # the searchable keys that are TrainConfig fields
 
 
 def warmup_key(model: str, recipe: str) -> str:

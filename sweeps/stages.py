@@ -119,7 +119,8 @@ def shared_reference_logps(config: SweepConfig, train: TrainConfig, context: dic
 
     Only when every trial has the same reference: a sweep over models, warm-up recipes (or seeds of
     a randomly initialised model) falls back to per-trial reference forwards."""
-    if not config.share_reference_logps or train.loss == "sft" or searched & {"model", "seed", "sft_recipe"}:
+    preference = train.loss in ("dpo", "cdpo", "ipo")  # SFT has no reference; PPO scores its own rollouts
+    if not config.share_reference_logps or not preference or searched & {"model", "seed", "sft_recipe"}:
         return None
     import ray
 

@@ -20,13 +20,23 @@ def delta_summary(history: list[tuple[int, float]]) -> tuple[float, float]:
     return deltas[-1], max(deltas, key=abs)
 
 
+def _param(text: str | None):
+    """MLflow keeps params as text; numbers come back as numbers so the axes sort and scale."""
+    if text is None:
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def run_row(tracker: Tracker, run) -> dict:
     params = run.data.params
     row = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
-           "beta": float(params.get("beta", "nan")), "lr": float(params.get("lr", "nan")),
-           "model": params.get("model"), "loss": params.get("loss"), "seed": int(params.get("seed", 0)),
-           "sft_recipe": params.get("sft_recipe"),
-           "reward_accuracy": run.data.metrics.get("dpo/reward_accuracy")}
+           **{key: _param(params.get(key)) for key in SEARCHABLE},
+           "reward_accuracy": run.data.metrics.get("dpo/reward_accuracy"), "ppo_reward": run.data.metrics.get("ppo/reward")}
     for category in CATEGORIES:
         for prefix, name in (("logp", "delta"), ("logp_tok", "delta_tok")):
             history = tracker.metric_history(run.info.run_id, f"{prefix}/{category}")

@@ -1,0 +1,43 @@
+"""PPO sweeps: KL coefficient x learning rate x model size, rollouts from separate actors.
+
+Each trial: a Ray Train group of policy workers, plus a pool of rollout actors (vLLM on a GPU, HF
+generate on a CPU) that sample the PPO batches and the `greedy`/`sample` probe categories; rank 0
+pushes the policy's weights to them after updates. Rewards: the built-in rule on the built-in data,
+or a reward model trained with sweeps/reward_model.py (`--reward DIR`).
+
+    python sweeps/ppo.py                                   # built-in data, tiny model, 2 CPU cores
+    python sweeps/ppo.py --kl-coefs 0.01 0.05 0.2 --lrs 1e-4 3e-4 --models tiny-pythia-1m tiny-pythia-4m
+    python sweeps/ppo.py --reward probesweep_runs/reward-models/<folder> --ppo-target-kl 6
+    python sweeps/ppo.py --model EleutherAI/pythia-410m --dataset Anthropic/hh-rlhf:helpful-base --use-gpu true \\
+        --rollout-engine vllm --rollout-gpus-per-actor 1 --address auto --tracking-uri http://<mlflow-host>:5000
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sweeps.config import SweepConfig, parse_config  # noqa: E402
+from sweeps.driver import print_outcome, run_sweep  # noqa: E402
+from sweeps.search import search_space  # noqa: E402
+from trainers.config import TrainConfig  # noqa: E402
+
+# 2 trials x (2 workers x 0.3 + 2 actors x 0.15 CPU) fit on 2 cores
+DEFAULTS = SweepConfig(name="ppo", betas=[], kl_coefs=[0.02, 0.2], max_concurrent_trials=2,
+                       train=TrainConfig(loss="ppo", lr=1e-4, max_steps=30, eval_every=10, micro_batch_size=8,
+                                         checkpoint_every=10))
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(argv, __doc__, defaults=DEFAULTS)
+    space = search_space(config, {"ppo_kl_coef": config.kl_coefs, "lr": config.sweep_lrs(), "model": config.models,
+                                  "seed": config.seeds, "sft_recipe": config.sft_recipes})
+    outcome = run_sweep(config, space)
+    print_outcome(outcome)
+    return 1 if outcome.failed_trials else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
