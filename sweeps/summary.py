@@ -47,7 +47,7 @@ def run_row(tracker: Tracker, run) -> dict:
 
 def comparison_axes(table: list[dict], searched: list[str]) -> tuple[str, list[str]]:
     """x axis: beta when it varies, else the first searched key that varies; lines: the other varied keys."""
-    varied = [k for k in SEARCHABLE if len({r[k] for r in table}) > 1 and (k in searched or k == "beta")]
+    varied = [k for k in SEARCHABLE if len({r.get(k) for r in table}) > 1 and (k in searched or k == "beta")]
     x = "beta" if "beta" in varied else (varied[0] if varied else (searched[0] if searched else "beta"))
     return x, [k for k in varied if k != x]
 

@@ -47,7 +47,7 @@ def test_unknown_yaml_key_is_rejected(tmp_path, capsys):
 
 def test_invalid_values_are_rejected(capsys):
     with pytest.raises(SystemExit):
-        parse_config(["--loss", "ppo"], "test")
+        parse_config(["--loss", "rlhf"], "test")
     assert "loss must be one of" in capsys.readouterr().err
     with pytest.raises(ValueError, match="beta must be > 0"):
         TrainConfig(beta=0.0)
