@@ -27,6 +27,16 @@ def neg_log_sigmoid(x: float) -> float:
     return -math.log(1.0 / (1.0 + math.exp(-x)))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for this module: these models are tiny, and on a busy 2-core machine two
+    threads made a forward up to 100x slower (measured: 7 ms vs 0.5-0.8 s per short sequence)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------- Bradley-Terry loss
 
 def test_bradley_terry_hand_computed():
@@ -149,16 +159,17 @@ def test_config_validation():
 
 def test_short_training_run_learns_the_preferences(tmp_path):
     """Chosen answers in the built-in data are specific and helpful, rejected ones are not: a 1M
-    model separates held-out pairs within a few steps (measured: 1.0 from step 10 on)."""
+    model separates held-out pairs within a few steps (measured, seed 0: 0.52 at step 0, 0.85 after
+    one step, 1.0 from step 4 on)."""
     config = RewardModelConfig(model="tiny-pythia-1m", max_train_pairs=300, max_eval_pairs=100, max_prompt_tokens=48,
-                               max_steps=15, eval_every=5, batch_size=16, lr=1e-3, seed=0)
+                               max_steps=10, eval_every=5, batch_size=16, lr=1e-3, seed=0)
     steps: list[int] = []
     result = train_reward_model(config, output_dir=tmp_path / "rm", log=lambda step, metrics: steps.append(step))
     accuracies = result.accuracies
-    assert list(accuracies) == [0, 5, 10, 15] and steps == list(range(16))
+    assert list(accuracies) == [0, 5, 10] and steps == list(range(11))
     assert result.train_pairs == 300 and result.eval_pairs == 100
     assert 0.3 <= accuracies[0] <= 0.7              # a random head ranks at chance
-    assert accuracies[15] >= 0.9                    # far above chance
+    assert accuracies[10] >= 0.9                    # far above chance
     assert result.evaluations[-1]["eval/loss"] < 0.5 * result.evaluations[0]["eval/loss"]
     # the saved folder scores exactly as the trained model does
     loaded, tokenizer = load_reward_model(tmp_path / "rm")
@@ -166,4 +177,4 @@ def test_short_training_run_learns_the_preferences(tmp_path):
     with torch.no_grad():
         assert reward_loss(loaded.eval(), pairs[:8], tokenizer.pad_token_id)[1] == \
             reward_loss(result.model.eval(), pairs[:8], tokenizer.pad_token_id)[1]
-    assert json.loads((tmp_path / "rm" / META_FILE).read_text())["training_config"]["max_steps"] == 15
+    assert json.loads((tmp_path / "rm" / META_FILE).read_text())["training_config"]["max_steps"] == 10
