@@ -77,8 +77,11 @@ class ProbeSet:
             sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
-    def save(self, directory) -> Path:
-        """Write probes.jsonl (one row per prompt and category) and manifest.json; returns the folder."""
+    def save(self, directory, extra: Mapping | None = None) -> Path:
+        """Write probes.jsonl (one row per prompt and category) and manifest.json; returns the folder.
+
+        `extra` adds fields to the manifest (how the set was built); it cannot replace the core ones.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         rows = (json.dumps({"prompt_id": i, "category": c, "prompt": p, "response": self.responses[c][i]},
@@ -89,6 +92,10 @@ class ProbeSet:
             "categories": list(self.categories), "generators": {c: self.generators.get(c, "") for c in self.categories},
             "counts": {"prompts": len(self.prompts), **{c: len(self.responses[c]) for c in self.categories}},
         }
+        clashes = sorted(set(extra or {}) & set(manifest))
+        if clashes:
+            raise ValueError(f"extra manifest fields {clashes} would replace core fields")
+        manifest.update(extra or {})
         _write_atomically(directory / PROBES_FILE, "".join(row + "\n" for row in rows))
         _write_atomically(directory / MANIFEST_FILE, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         return directory
@@ -175,15 +182,22 @@ def derangement(n: int, rng: random.Random) -> list[int]:
             return permutation
 
 
-def build_probe_set(pairs: Sequence[PreferencePair], generator: ProbeGenerator, n_prompts: int, seed: int,
-                    source: str) -> ProbeSet:
-    """Probe responses for the first `n_prompts` pairs after a seeded shuffle (all if fewer)."""
+def select_pairs(pairs: Sequence[PreferencePair], n_prompts: int,
+                 seed: int) -> tuple[list[PreferencePair], random.Random]:
+    """The first `n_prompts` pairs after a seeded shuffle (all if fewer), and the generator, which
+    goes on to draw the `random` derangement."""
     if len(pairs) < 2 or n_prompts < 2:
         raise ValueError(f"a probe set needs at least 2 prompts (pairs={len(pairs)}, n_prompts={n_prompts})")
     rng = random.Random(seed)
     order = list(range(len(pairs)))
     rng.shuffle(order)
-    picked = [pairs[i] for i in order[:n_prompts]]
+    return [pairs[i] for i in order[:n_prompts]], rng
+
+
+def build_probe_set(pairs: Sequence[PreferencePair], generator: ProbeGenerator, n_prompts: int, seed: int,
+                    source: str) -> ProbeSet:
+    """Probe responses for the first `n_prompts` pairs after a seeded shuffle (all if fewer)."""
+    picked, rng = select_pairs(pairs, n_prompts, seed)
     prompts = [p.prompt for p in picked]
     chosen = [p.chosen for p in picked]
     rejected = [p.rejected for p in picked]
