@@ -161,7 +161,7 @@ def _writers(mode: str, config: BuildConfig, api_key: str | None, templates: Pro
 def _failure_report(requests: Sequence[ProbeRequest], outcomes: Sequence[Outcome], n: int) -> dict:
     report = {}
     for category in DERIVED_CATEGORIES:
-        mine = [o for r, o in zip(requests, outcomes) if r.category == category]
+        mine = [o for r, o in zip(requests, outcomes, strict=True) if r.category == category]
         failed = [o for o in mine if o.text is None]
         report[category] = {
             "failed": len(failed), "of": n,
@@ -243,7 +243,7 @@ def build(config: BuildConfig, environ: Mapping[str, str] | None = None) -> Buil
 
     report = _failure_report(requests, outcomes, len(picked))
     _check_failures(report, config.max_failure_fraction)
-    by_index = {(r.category, r.index): o.text for r, o in zip(requests, outcomes)}
+    by_index = {(r.category, r.index): o.text for r, o in zip(requests, outcomes, strict=True)}
     kept = [i for i in range(len(picked)) if all(by_index[(c, i)] is not None for c in DERIVED_CATEGORIES)]
     if len(kept) < 2:
         raise ProbeBuildError(f"only {len(kept)} of {len(picked)} prompts have every probe: a probe set needs 2")

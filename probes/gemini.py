@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
-import json
 import os
 import random
 import threading

@@ -120,7 +120,7 @@ class LocalLMReplies:
         generation = generate(model, tokenizer, prompt_ids, max_new_tokens=self.max_new_tokens, do_sample=True,
                               temperature=min(self.temperature + 0.2 * attempt, 2.0), batch_size=self.batch_size,
                               seed=attempt_seed(self.seed, attempt))
-        for position, (request, text) in enumerate(zip(requests, generation.texts)):
+        for position, (request, text) in enumerate(zip(requests, generation.texts, strict=True)):
             text = first_turn(text)
             if request.kind == "paraphrase":
                 text = text.split("\n", 1)[0].strip()

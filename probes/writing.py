@@ -112,7 +112,7 @@ def write_validated(requests: Sequence[ProbeRequest], writers: Mapping[str, Repl
             writer = writers[requests[members[0]].category]
             answered: set[int] = set()
 
-            def on_reply(position: int, reply: Reply, members=members, answered=answered) -> None:
+            def on_reply(position: int, reply: Reply, members=members, answered=answered, last=last) -> None:
                 i = members[position]
                 reason = reply.problem or reject_reason(reply.text, requests[i].source, rules)
                 with lock:
