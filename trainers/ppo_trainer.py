@@ -107,7 +107,9 @@ class PPOTrainer(PolicyTrainer):
 
     def _prompts(self) -> tuple[list[list[int]], list[str]]:
         indices = self.batches.batch(self.step)
-        return [self.pairs[i].prompt_ids for i in indices], [self.data.pairs[i].prompt for i in indices]
+        prompt_ids = [self.pairs[i].prompt_ids for i in indices]
+        # the text the policy saw (after truncation; tokenized pairs may skip rows, so not data.pairs[i])
+        return prompt_ids, self.tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
 
     def train_step(self) -> dict[str, float]:
         config, started = self.config, time.perf_counter()

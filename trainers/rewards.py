@@ -43,25 +43,24 @@ def rule_reward(prompt: str, response: str) -> float:
     return coverage - (1.0 if unhelpful else 0.0)
 
 
-def make_reward_fn(spec: str, tokenizer=None, device: str = "cpu") -> Callable[[Sequence[str], Sequence[str]], torch.Tensor]:
+def make_reward_fn(spec: str, tokenizer=None, device: str = "cpu", max_prompt_tokens: int = 160,
+                   max_response_tokens: int = 64) -> Callable[[Sequence[str], Sequence[str]], torch.Tensor]:
     """'rule', or a reward-model folder: (prompts, responses) texts -> scores [B]."""
     if spec == "rule":
         return lambda prompts, responses: torch.tensor([rule_reward(p, r) for p, r in zip(prompts, responses)])
+    from trainers.collate import collate_sequences, encode_prompt, encode_response
     from trainers.reward_model import load_reward_model
 
     model, reward_tokenizer = load_reward_model(spec)
     model.to(device).eval()
     tokenizer = reward_tokenizer or tokenizer
-    pad_id = tokenizer.pad_token_id
 
     def score(prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        rows = [tokenizer(p + r)["input_ids"] for p, r in zip(prompts, responses)]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)], attention[i, : len(row)] = torch.tensor(row), 1
+        # encoded as in training (prompt and response separately, EOS, truncation): the score is read there
+        prompt_ids = [encode_prompt(tokenizer, p, max_prompt_tokens)[0] for p in prompts]
+        response_ids = [encode_response(tokenizer, r, max_response_tokens)[0] for r in responses]
+        batch = collate_sequences(prompt_ids, response_ids, tokenizer.pad_token_id)
         with torch.no_grad():
-            return model(ids.to(device), attention.to(device)).float().cpu()
+            return model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
 
     return score
