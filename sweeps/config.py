@@ -116,7 +116,8 @@ def _add_fields(parser: argparse.ArgumentParser, cls, group_title: str) -> None:
             kwargs.update(type=annotation)
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
-        group.add_argument(flag, **kwargs)
+        aliases = ["--probe-set"] if f.name == "probe_set_dir" else []
+        group.add_argument(flag, *aliases, **kwargs)
 
 
 def build_parser(description: str, defaults: SweepConfig | None = None) -> argparse.ArgumentParser:

@@ -62,8 +62,13 @@ def start_ray(address: str | None, num_cpus: int | None, poll_interval_s: float 
 
 def prepare_probe_set(train: TrainConfig, storage: Path) -> tuple[ProbeSet, str]:
     """The probe set every trial scores: a given folder, or built once from the eval split and cached."""
-    if train.probe_set_dir:
-        return ProbeSet.load(train.probe_set_dir), train.probe_set_dir
+    if train.probe_set_dir:  # absolute: Ray workers run in other directories
+        directory = str(Path(train.probe_set_dir).resolve())
+        probe_set = ProbeSet.load(directory)
+        if len(probe_set.prompts) > train.num_probe_prompts:
+            print(f"note: the probe set has {len(probe_set.prompts)} prompts; trials score the first "
+                  f"{train.num_probe_prompts} (--num-probe-prompts)", flush=True)
+        return probe_set, directory
     data = load_preference_data(train.dataset, train.eval_split, skip_bad_rows=train.skip_bad_rows)
     directory = cached_probe_set_dir(storage / "probe_sets", data.pairs, RuleBasedGenerator(),
                                      train.num_probe_prompts, train.seed, f"{train.dataset}:{train.eval_split}")
