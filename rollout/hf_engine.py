@@ -10,11 +10,25 @@ from typing import Sequence
 
 import torch
 
+from rollout.interface import RolloutBatch, SamplingParams
+
 
 @dataclass
 class Generation:
     token_ids: list[list[int]]   # generated tokens per prompt, through EOS when it was produced
     texts: list[str]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask), padded on the left: batched decoder-only generation continues
+    every row from its last real token."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, ids in enumerate(prompts):
+        input_ids[i, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[i, width - len(ids):] = 1
+    return input_ids, attention_mask
 
 
 def generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -30,13 +44,8 @@ def generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_t
     outputs: list[list[int]] = []
     try:
         for start in range(0, len(prompt_ids), batch_size):
-            chunk = prompt_ids[start:start + batch_size]
-            width = max(len(p) for p in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros_like(input_ids)
-            for i, ids in enumerate(chunk):
-                input_ids[i, width - len(ids):] = torch.tensor(ids)
-                attention_mask[i, width - len(ids):] = 1
+            input_ids, attention_mask = left_pad(prompt_ids[start:start + batch_size], pad_id)
+            width = input_ids.shape[1]
             with torch.no_grad():
                 generated = model.generate(
                     input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
@@ -74,22 +83,15 @@ class HFEngine:
         model, tokenizer = load_model_and_tokenizer(name_or_path, seed=seed)
         return cls(model, tokenizer, device=device, **kwargs)
 
-    def generate(self, prompt_ids, params) -> "RolloutBatch":
-        from rollout.interface import RolloutBatch
-
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
         pad_id, eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         device = next(self.model.parameters()).device
         generator_seed = params.seed
         tokens: list[list[int]] = []
         logprobs: list[list[float]] = []
         for start in range(0, len(prompt_ids), self.batch_size):
-            chunk = [list(p) for p in prompt_ids[start:start + self.batch_size]]
-            width = max(len(p) for p in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros_like(input_ids)
-            for i, ids in enumerate(chunk):
-                input_ids[i, width - len(ids):] = torch.tensor(ids)
-                attention_mask[i, width - len(ids):] = 1
+            input_ids, attention_mask = left_pad(prompt_ids[start:start + self.batch_size], pad_id)
+            width = input_ids.shape[1]
             if generator_seed is not None:
                 torch.manual_seed(generator_seed + start)
             sampling = {} if params.greedy else {"temperature": params.temperature, "top_p": params.top_p}

@@ -17,17 +17,13 @@ if __package__ in (None, ""):  # run as a script: make the project importable wi
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sweeps.config import parse_config  # noqa: E402
-from sweeps.driver import print_outcome, run_sweep  # noqa: E402
-from sweeps.search import search_space  # noqa: E402
+from sweeps.driver import run_entry_point  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv, __doc__)
-    space = search_space(config, {"beta": config.betas, "lr": config.sweep_lrs(), "loss": config.losses,
+    return run_entry_point(config, {"beta": config.betas, "lr": config.sweep_lrs(), "loss": config.losses,
                                   "seed": config.seeds, "sft_recipe": config.sft_recipes})
-    outcome = run_sweep(config, space)
-    print_outcome(outcome)
-    return 1 if outcome.failed_trials else 0
 
 
 if __name__ == "__main__":

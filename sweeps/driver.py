@@ -19,7 +19,7 @@ import yaml
 from probes.builtin_generators import RuleBasedGenerator
 from probes.probe_set import ProbeSet, cached_probe_set_dir
 from sweeps.config import SweepConfig
-from sweeps.search import searched_values, warmup_key
+from sweeps.search import search_space, searched_values, warmup_key
 from sweeps.stages import run_stage, shared_reference_logps, shared_sft_warmups
 from sweeps.summary import CATEGORIES, print_outcome, summarize_sweep  # noqa: F401  (print_outcome: entry points)
 from sweeps.tracking import Tracker, configure_quiet_logging, default_tracking_uri
@@ -168,3 +168,10 @@ def run_sweep(config: SweepConfig, param_space: dict) -> SweepOutcome:
         tracker.end_run(parent_run_id, failed=failed)
     return SweepOutcome(tracking_uri, config.experiment_name, parent_run_id, [row["run_id"] for row in table],
                         failed_trials, table)
+
+
+def run_entry_point(config: SweepConfig, searched: dict) -> int:
+    """What every entry point does once it has its config: search space, sweep, summary, exit code."""
+    outcome = run_sweep(config, search_space(config, searched))
+    print_outcome(outcome)
+    return 1 if outcome.failed_trials else 0

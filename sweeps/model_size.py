@@ -13,8 +13,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sweeps.config import SweepConfig, parse_config  # noqa: E402
-from sweeps.driver import print_outcome, run_sweep  # noqa: E402
-from sweeps.search import search_space  # noqa: E402
+from sweeps.driver import run_entry_point  # noqa: E402
 
 # CPU share per training worker by size: the small trials pack together, the large one gets more
 DEFAULTS = SweepConfig(name="model-size", betas=[0.1], models=["tiny-pythia-1m", "tiny-pythia-4m"], max_concurrent_trials=2,
@@ -23,10 +22,7 @@ DEFAULTS = SweepConfig(name="model-size", betas=[0.1], models=["tiny-pythia-1m",
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv, __doc__, defaults=DEFAULTS)
-    space = search_space(config, {"model": config.models, "beta": config.betas, "lr": config.sweep_lrs()})
-    outcome = run_sweep(config, space)
-    print_outcome(outcome)
-    return 1 if outcome.failed_trials else 0
+    return run_entry_point(config, {"model": config.models, "beta": config.betas, "lr": config.sweep_lrs()})
 
 
 if __name__ == "__main__":

@@ -20,8 +20,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sweeps.config import SweepConfig, parse_config  # noqa: E402
-from sweeps.driver import print_outcome, run_sweep  # noqa: E402
-from sweeps.search import search_space  # noqa: E402
+from sweeps.driver import run_entry_point  # noqa: E402
 from trainers.config import TrainConfig  # noqa: E402
 
 # 2 trials x (2 workers x 0.3 + 2 actors x 0.15 CPU) fit on 2 cores
@@ -32,11 +31,8 @@ DEFAULTS = SweepConfig(name="ppo", betas=[], kl_coefs=[0.02, 0.2], max_concurren
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv, __doc__, defaults=DEFAULTS)
-    space = search_space(config, {"ppo_kl_coef": config.kl_coefs, "lr": config.sweep_lrs(), "model": config.models,
+    return run_entry_point(config, {"ppo_kl_coef": config.kl_coefs, "lr": config.sweep_lrs(), "model": config.models,
                                   "seed": config.seeds, "sft_recipe": config.sft_recipes})
-    outcome = run_sweep(config, space)
-    print_outcome(outcome)
-    return 1 if outcome.failed_trials else 0
 
 
 if __name__ == "__main__":

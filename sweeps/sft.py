@@ -15,8 +15,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sweeps.config import SweepConfig, parse_config  # noqa: E402
-from sweeps.driver import print_outcome, run_sweep  # noqa: E402
-from sweeps.search import search_space  # noqa: E402
+from sweeps.driver import run_entry_point  # noqa: E402
 from trainers.config import TrainConfig  # noqa: E402
 
 DEFAULTS = SweepConfig(name="sft", sft_steps=0, betas=[], train=TrainConfig(loss="sft", lr=3e-3, max_steps=200, eval_every=20))
@@ -25,10 +24,7 @@ DEFAULTS = SweepConfig(name="sft", sft_steps=0, betas=[], train=TrainConfig(loss
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv, __doc__, defaults=DEFAULTS)
     config = replace(config, sft_steps=0, train=replace(config.train, loss="sft"))  # no warm-up: SFT is the study
-    space = search_space(config, {"lr": config.sweep_lrs(), "seed": config.seeds, "model": config.models})
-    outcome = run_sweep(config, space)
-    print_outcome(outcome)
-    return 1 if outcome.failed_trials else 0
+    return run_entry_point(config, {"lr": config.sweep_lrs(), "seed": config.seeds, "model": config.models})
 
 
 if __name__ == "__main__":
