@@ -149,7 +149,8 @@ def run_sweep(config: SweepConfig, param_space: dict) -> SweepOutcome:
         warmups = shared_sft_warmups(config, searched.get("model", [config.train.model]),
                                      searched.get("sft_recipe", [config.sft_recipe]), context)
         if warmups:
-            tracker.set_tags(parent_run_id, {f"sft_warmup_dir.{k}" if len(warmups) > 1 else "sft_warmup_dir": d
+            # MLflow tag names allow no "|": one tag per model and recipe as sft_warmup_dir.<model>.<recipe>
+            tracker.set_tags(parent_run_id, {"sft_warmup_dir." + k.replace("|", ".") if len(warmups) > 1 else "sft_warmup_dir": d
                                              for k, d in warmups.items()})
         trial_train = replace(config.train, init_checkpoint=warmups.get(warmup_key(config.train.model, config.sft_recipe)))
         trial_train = replace(trial_train, reference_logps_dir=shared_reference_logps(config, trial_train, context, set(searched)))
