@@ -26,7 +26,10 @@ test: install
 	$(PY) -m pytest
 
 bench: install
+	$(PY) -m pip install --quiet -e ".[bench]"   # TRL, the reference in dpo_sweep.py
 	$(PY) benchmarks/probe_scoring.py
+	$(PY) benchmarks/rollout.py
+	$(PY) benchmarks/dpo_sweep.py
 
 clean:
 	rm -rf $(VENV) probesweep_runs mlflow.db mlartifacts
