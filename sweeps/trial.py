@@ -137,7 +137,7 @@ def run_trial(trial_config: dict) -> None:
                        or str(Path(ctx["storage_path"]) / ctx["sweep_name"] / "models" / trial_dir_name))
     config = TrainConfig.from_dict(train)
     loop_config = {"train": train, "final_model_dir": final_model_dir}
-    pool = rollout_pool(config) if config.loss == "ppo" else None
+    pool = rollout_pool(config) if config.loss == "ppo" or config.probe_decodes == "actors" else None
     if pool is not None:
         loop_config["rollout_pool"] = pool
     trainer = TorchTrainer(

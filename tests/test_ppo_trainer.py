@@ -68,3 +68,24 @@ def test_probe_evaluation_has_greedy_and_sample_from_the_actors(ppo_run):
     assert {"logp/greedy", "logp/sample", "logp/chosen"} <= set(summary)
     assert {r["category"] for r in records} >= {"greedy", "sample"}
     assert all(r["response"] for r in records if r["category"] == "sample")
+
+
+def test_dpo_trainer_can_take_its_probe_decodes_from_the_actors(ppo_run, builtin_probe_dir):
+    """probe_decodes=actors: the DPO trainer syncs its weights to the actors, whose greedy decodes
+    are then the ones the trainer would have made itself."""
+    from trainers.evaluation import policy_decodes
+    from trainers.policy_trainer import PolicyTrainer
+
+    _, pool, _, _, _ = ppo_run  # runs last: it loads other weights into the shared pool
+    config = TrainConfig(model="tiny-pythia-1m", loss="dpo", max_train_pairs=32, micro_batch_size=4, num_probe_prompts=4,
+                         greedy_max_tokens=6, probe_set_dir=builtin_probe_dir, lr=1e-3, num_workers=1,
+                         probe_decodes="actors", seed=3)
+    trainer = PolicyTrainer(config, pool=pool)
+    trainer.prepare()
+    trainer.train_step()
+    summary, records = trainer.evaluate()
+    assert pool.versions() == [1, 1] and {"logp/greedy", "logp/sample"} <= set(summary)
+    prompts = [trainer.probes.prompt_ids[i] for i in trainer.probe_prompts]
+    local = policy_decodes(trainer.language_model(), trainer.tokenizer, prompts, max_new_tokens=6, sample_seed=0)
+    greedy_texts = [r["response"] for r in sorted(records, key=lambda r: r["prompt_id"]) if r["category"] == "greedy"]
+    assert greedy_texts == local["greedy"][1]

@@ -66,6 +66,7 @@ class TrainConfig:
     num_probe_prompts: int = _f(32, "evaluation prompts in the probe set")
     probe_batch_prompts: int = _f(8, "prompts scored together in one shared-prompt pass")
     greedy_max_tokens: int = _f(48, "length limit of the policy's own decodes that form the `greedy` and `sample` categories")
+    probe_decodes: str = _f("local", "who decodes the greedy and sample probes of SFT/DPO trials: 'local' (the training worker) or 'actors' (the rollout actors, as PPO always does)", choices=("local", "actors"))
     probe_set_dir: str | None = _f(None, "a saved probe set folder (the sweep builds and sets it)")
     # distribution
     num_workers: int = _f(2, "Ray Train workers per trial (DDP)")
@@ -84,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"sft_targets must be 'chosen' or 'both', got {self.sft_targets!r}")
         if self.truncation not in ("truncate", "error"):
             raise ValueError(f"truncation must be 'truncate' or 'error', got {self.truncation!r}")
+        if self.probe_decodes not in ("local", "actors"):
+            raise ValueError(f"probe_decodes must be 'local' or 'actors', got {self.probe_decodes!r}")
         if self.ppo_kl_estimator not in ("k1", "k3"):
             raise ValueError(f"ppo_kl_estimator must be k1 or k3, got {self.ppo_kl_estimator!r}")
         if self.loss == "ppo" and self.micro_batch_size % self.ppo_minibatches:

@@ -54,8 +54,11 @@ def unwrap(model):
 class PolicyTrainer:
     """Holds model, reference, optimizer and data of one run; `wrap_model` lets Ray add DDP."""
 
-    def __init__(self, config: TrainConfig, rank: int = 0, world_size: int = 1, wrap_model=None):
-        self.config = config
+    def __init__(self, config: TrainConfig, rank: int = 0, world_size: int = 1, wrap_model=None, pool=None):
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.pool = pool             # rollout actors (rollout.actors.RolloutPool), or None: decode in-process
+        self.policy_version = -1     # the step whose weights the actors hold
+        self.last_sync_s = 0.0
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         torch.manual_seed(config.seed)
         model, self.tokenizer = load_model_and_tokenizer(config.init_checkpoint or config.model, seed=config.seed)
@@ -99,6 +102,18 @@ class PolicyTrainer:
             self.model = self._wrap_model(self._raw_model)
         if self.reference_model is not None:
             self.reference_model.to(next(self.model.parameters()).device)
+        if self.pool is not None:
+            self.sync_weights()  # the actors start from exactly this policy (fresh or restored)
+
+    def sync_weights(self) -> None:
+        """Rank 0 pushes the LM's weights to the rollout actors as version = step; every rank waits."""
+        if self.pool is None or self.policy_version == self.step:
+            return
+        if self.rank == 0:
+            self.last_sync_s = self.pool.sync_weights(self.language_model().state_dict(), self.step)
+        if _distributed():
+            dist.barrier()
+        self.policy_version = self.step
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over grad_accum_steps micro-batches; metrics averaged over ranks."""
@@ -143,8 +158,21 @@ class PolicyTrainer:
         return summarize_records(records), records
 
     def policy_decodes(self):
-        """The greedy and sample categories, if something other than in-process generation makes them."""
-        return None
+        """greedy and sample of this rank's probe prompts from the rollout actors (synced to this step
+        first); None without actors: the evaluation decodes them in-process."""
+        if self.pool is None:
+            return None
+        self.sync_weights()
+        if not self.probe_prompts:
+            return {}
+        from rollout.interface import SamplingParams
+
+        prompts = [self.probes.prompt_ids[i] for i in self.probe_prompts]
+        limit = self.config.greedy_max_tokens
+        greedy = self.pool.generate(prompts, SamplingParams(max_new_tokens=limit, temperature=0))
+        sample = self.pool.generate(prompts, SamplingParams(max_new_tokens=limit, temperature=1.0,
+                                                            seed=self.config.seed * 1_000_003 + self.step))
+        return {"greedy": (greedy.token_ids, greedy.texts), "sample": (sample.token_ids, sample.texts)}
 
     def state_dict(self) -> dict:
         return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from rollout.actors import RolloutPool
@@ -21,7 +20,7 @@ from rollout.interface import SamplingParams
 from trainers.collate import collate_sequences
 from trainers.config import TrainConfig
 from trainers.logprobs import IGNORE_INDEX, gather_response_positions, token_logps
-from trainers.policy_trainer import PolicyTrainer, _distributed, mean_across_ranks, unwrap
+from trainers.policy_trainer import PolicyTrainer, mean_across_ranks, unwrap
 from trainers.ppo_math import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae_advantages,
                                kl_penalized_rewards, masked_mean, masked_whiten, per_token_kl, ppo_policy_loss,
                                ppo_value_loss)
@@ -76,13 +75,10 @@ class PPOTrainer(PolicyTrainer):
                  pool: RolloutPool | None = None):
         if pool is None:
             raise ValueError("PPO needs a rollout actor pool (rollout.actors.RolloutPool)")
-        super().__init__(config, rank, world_size, wrap_model)
-        self.rank, self.world_size, self.pool = rank, world_size, pool
+        super().__init__(config, rank, world_size, wrap_model, pool=pool)
         self.reward_fn = make_reward_fn(config.reward, self.tokenizer)
         self.kl_controller = (AdaptiveKLController(config.ppo_kl_coef, config.ppo_target_kl, config.ppo_kl_horizon)
                               if config.ppo_target_kl > 0 else FixedKLController(config.ppo_kl_coef))
-        self.policy_version = -1   # what the actors hold; synced in prepare()
-        self.last_sync_s = 0.0
 
     def trainable_model(self, model):
         torch.manual_seed(self.config.seed)
@@ -90,20 +86,6 @@ class PPOTrainer(PolicyTrainer):
 
     def language_model(self):
         return unwrap(self.model).lm
-
-    def prepare(self) -> None:
-        super().prepare()
-        self.sync_weights()  # the actors start from exactly this policy (fresh or restored)
-
-    def sync_weights(self) -> None:
-        """Rank 0 pushes the LM's weights to the actors as version = step; every rank waits for it."""
-        if self.policy_version == self.step:
-            return
-        if self.rank == 0:
-            self.last_sync_s = self.pool.sync_weights(self.language_model().state_dict(), self.step)
-        if _distributed():
-            dist.barrier()
-        self.policy_version = self.step
 
     def _prompts(self) -> tuple[list[list[int]], list[str]]:
         indices = self.batches.batch(self.step)
@@ -181,17 +163,6 @@ class PPOTrainer(PolicyTrainer):
         metrics["rollout/policy_version"] = float(self.policy_version)
         metrics["train/step_time_s"] = time.perf_counter() - started
         return metrics
-
-    def policy_decodes(self):
-        """greedy and sample of this rank's probe prompts, from the actors (synced to this step first)."""
-        self.sync_weights()
-        if not self.probe_prompts:
-            return {}
-        prompts = [self.probes.prompt_ids[i] for i in self.probe_prompts]
-        greedy = self.pool.generate(prompts, SamplingParams(max_new_tokens=self.config.greedy_max_tokens, temperature=0))
-        sample = self.pool.generate(prompts, SamplingParams(max_new_tokens=self.config.greedy_max_tokens, temperature=1.0,
-                                                            seed=self.config.seed * 1_000_003 + self.step))
-        return {"greedy": (greedy.token_ids, greedy.texts), "sample": (sample.token_ids, sample.texts)}
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "kl_controller": self.kl_controller.state_dict()}

@@ -49,7 +49,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         trainer = PPOTrainer(config, rank, context.get_world_size(), wrap_model=ray.train.torch.prepare_model,
                              pool=loop_config["rollout_pool"])
     else:
-        trainer = PolicyTrainer(config, rank, context.get_world_size(), wrap_model=ray.train.torch.prepare_model)
+        trainer = PolicyTrainer(config, rank, context.get_world_size(), wrap_model=ray.train.torch.prepare_model,
+                                pool=loop_config.get("rollout_pool"))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
