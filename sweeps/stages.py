@@ -107,7 +107,8 @@ def _reference_logps_task(train: dict, directory: str) -> tuple[str, bool, float
     if config.use_gpu:
         model.to("cuda")
     else:
-        torch.set_num_threads(max(1, int(config.cpus_per_worker * config.num_workers)))
+        # runs once, before any trial of the sweep starts: the node's cores are otherwise idle
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
     _, pairs, _ = load_training_pairs(config, tokenizer)
     _, path, computed = load_or_compute_reference_logps(model, pairs, tokenizer.pad_token_id, directory,
                                                         batch_size=2 * config.micro_batch_size)
