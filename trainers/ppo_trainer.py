@@ -19,7 +19,7 @@ from rollout.actors import RolloutPool
 from rollout.interface import SamplingParams
 from trainers.collate import collate_sequences
 from trainers.config import TrainConfig
-from trainers.logprobs import IGNORE_INDEX, gather_response_positions, token_logps
+from trainers.logprobs import gather_response_positions, response_token_logps
 from trainers.policy_trainer import PolicyTrainer, mean_across_ranks, unwrap
 from trainers.ppo_math import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae_advantages,
                                kl_penalized_rewards, masked_mean, masked_whiten, per_token_kl, ppo_policy_loss,
@@ -50,9 +50,7 @@ def response_stats(model, batch: dict, lengths: list[int]) -> tuple[torch.Tensor
     device = next(model.parameters()).device
     logits, values = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
     labels = batch["labels"].to(device)
-    shifted = labels[:, 1:]
-    per_token = token_logps(logits[:, :-1], shifted.masked_fill(shifted == IGNORE_INDEX, 0))
-    logps, mask = gather_response_positions(per_token, labels, lengths)
+    logps, mask = response_token_logps(logits, labels, lengths)
     values, _ = gather_response_positions(values[:, :-1], labels, lengths)
     response_logits_index = gather_response_positions(
         torch.arange(logits.shape[1] - 1, device=device).expand(len(lengths), -1), labels, lengths)[0]
@@ -64,10 +62,7 @@ def reference_logps(reference, batch: dict, lengths: list[int]) -> torch.Tensor:
     device = next(reference.parameters()).device
     with torch.no_grad():
         logits = reference(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    labels = batch["labels"].to(device)
-    shifted = labels[:, 1:]
-    per_token = token_logps(logits[:, :-1], shifted.masked_fill(shifted == IGNORE_INDEX, 0))
-    return gather_response_positions(per_token, labels, lengths)[0]
+    return response_token_logps(logits, batch["labels"].to(device), lengths)[0]
 
 
 class PPOTrainer(PolicyTrainer):
