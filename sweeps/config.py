@@ -51,6 +51,8 @@ class SweepConfig:
     max_concurrent_trials: int = _f(3, "trials running at once")
     train_poll_interval_s: float = _f(0.2, "how often Ray Train's controller collects worker reports (Ray's default 2 s makes every report wait)")
     max_failures: int = _f(1, "retries of a failed trial (from its last checkpoint) before giving up")
+    trials_on_head: bool = _f(True, "run each trial's orchestrating process (and its Ray Train controller) on the head node, so losing a worker node costs only its training workers, which restart from the last checkpoint")
+    worker_resources: list[str] | None = _f(None, "extra Ray resources per training worker as NAME=AMOUNT (e.g. a custom resource that only one node type of the cluster declares), so workers land only on such nodes")
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def sweep_lrs(self) -> list[float]:
@@ -58,17 +60,11 @@ class SweepConfig:
 
     def worker_share_by_model(self) -> dict[str, float]:
         """`--worker-shares tiny-pythia-1m=0.2 ...` as {model: share}; a malformed entry is an error."""
-        shares = {}
-        for entry in self.worker_shares or []:
-            model, _, value = entry.rpartition("=")
-            try:
-                share = float(value)
-            except ValueError:
-                share = -1.0
-            if not model or share <= 0:
-                raise ValueError(f"worker_shares: expected MODEL=SHARE with SHARE > 0, got {entry!r}")
-            shares[model] = share
-        return shares
+        return parse_assignments(self.worker_shares, "worker_shares", "MODEL=SHARE")
+
+    def worker_resource_requests(self) -> dict[str, float]:
+        """`--worker-resources trainer=1 ...` as {resource: amount}."""
+        return parse_assignments(self.worker_resources, "worker_resources", "RESOURCE=AMOUNT")
 
     def resolved_storage_path(self) -> str:
         if self.storage_path and "://" in self.storage_path:
@@ -77,6 +73,21 @@ class SweepConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def parse_assignments(entries: list[str] | None, option: str, form: str) -> dict[str, float]:
+    """['a=0.5', ...] as {'a': 0.5}; an entry without a name or with a value <= 0 is an error."""
+    parsed = {}
+    for entry in entries or []:
+        name, _, value = entry.rpartition("=")
+        try:
+            amount = float(value)
+        except ValueError:
+            amount = -1.0
+        if not name or amount <= 0:
+            raise ValueError(f"{option}: expected {form} with a value > 0, got {entry!r}")
+        parsed[name] = amount
+    return parsed
 
 
 def _scalar_type(annotation):

@@ -141,7 +141,8 @@ def run_sweep(config: SweepConfig, param_space: dict) -> SweepOutcome:
     context = {"tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
                "storage_path": str(storage), "sweep_name": config.name, "max_failures": config.max_failures,
                "probe_set_hash": probe_set.content_hash(), "categories": CATEGORIES,
-               "sft_recipe": config.sft_recipe, "worker_shares": config.worker_share_by_model()}
+               "sft_recipe": config.sft_recipe, "worker_shares": config.worker_share_by_model(),
+               "worker_resources": config.worker_resource_requests()}
     failed = True
     table: list[dict] = []
     try:

@@ -18,6 +18,7 @@ from sweeps.config import SweepConfig
 from sweeps.search import tune_settings, warmup_key
 from trainers.config import TrainConfig
 
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node this resource (amount 1)
 SFT_KEY_FIELDS = ("model", "dataset", "train_split", "max_train_pairs", "skip_bad_rows", "max_prompt_tokens",
                   "max_response_tokens", "truncation", "micro_batch_size", "grad_accum_steps", "warmup_steps",
                   "weight_decay", "max_grad_norm", "seed", "num_workers")
@@ -30,7 +31,7 @@ def run_stage(stage: str, param_space: dict, config: SweepConfig, context: dict,
     from sweeps.trial import run_trial
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's new console output ignores verbose=0
-    trainable = tune.with_resources(run_trial, {"cpu": 0.01})  # the trial process only orchestrates
+    trainable = tune.with_resources(run_trial, trial_resources(config))
     name = f"{config.name}-{stage}"
     path = os.path.join(context["storage_path"], name)
     progress = TrialProgress(stage, total_steps)
@@ -43,9 +44,20 @@ def run_stage(stage: str, param_space: dict, config: SweepConfig, context: dict,
             trainable,
             param_space={**param_space, "context": {**context, "stage": stage}},
             tune_config=tune.TuneConfig(**tune_settings(config)),
-            run_config=tune.RunConfig(name=name, storage_path=context["storage_path"], verbose=0, callbacks=[progress]),
+            # a trial process that dies (its node lost) is rerun: it finds its MLflow run and Train checkpoint
+            run_config=tune.RunConfig(name=name, storage_path=context["storage_path"], verbose=0, callbacks=[progress],
+                                      failure_config=tune.FailureConfig(max_failures=config.max_failures)),
         )
     return tuner.fit()
+
+
+def trial_resources(config: SweepConfig) -> dict[str, float]:
+    """The trial process only orchestrates: a sliver of a CPU, on the head node unless told otherwise
+    (Ray Train starts the trial's controller beside it, so a lost worker node never takes them down)."""
+    resources = {"cpu": 0.01}
+    if config.trials_on_head:
+        resources[HEAD_NODE_RESOURCE] = 0.001
+    return resources
 
 
 def sft_warmup_key(config: SweepConfig, model: str, recipe: str) -> str:
@@ -127,6 +139,8 @@ def shared_reference_logps(config: SweepConfig, train: TrainConfig, context: dic
 
     directory = str(Path(context["storage_path"]) / "shared" / "reference_logps")
     resources = {"num_gpus": 1} if train.use_gpu else {"num_cpus": train.cpus_per_worker}
+    if context.get("worker_resources"):  # where the training workers may run, so may this
+        resources["resources"] = dict(context["worker_resources"])
     task = ray.remote(**resources)(_reference_logps_task)
     path, computed, seconds = ray.get(task.remote(train.to_dict(), directory))
     print(f"reference log-probs {'computed' if computed else 'reused'} in {seconds:.1f}s: {path}", flush=True)

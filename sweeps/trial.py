@@ -106,6 +106,12 @@ def trial_settings(train: dict, searched: dict, ctx: dict) -> dict:
     return TrainConfig.from_dict(train).to_dict()
 
 
+def worker_resources(config: TrainConfig, ctx: dict) -> dict[str, float]:
+    """A training worker's Ray resources: its CPU (or GPU) share plus any --worker-resources."""
+    own = {"GPU": config.gpus_per_worker} if config.use_gpu else {"CPU": config.cpus_per_worker}
+    return {**own, **ctx.get("worker_resources", {})}
+
+
 def category_curves(tracker: Tracker, run_id: str, categories: list[str]) -> dict[str, list[tuple[int, float]]]:
     return {c: tracker.metric_history(run_id, f"logp/{c}") for c in categories}
 
@@ -144,7 +150,7 @@ def run_trial(trial_config: dict) -> None:
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"GPU": config.gpus_per_worker} if config.use_gpu else {"CPU": config.cpus_per_worker}),
+                                     resources_per_worker=worker_resources(config, ctx)),
         run_config=RunConfig(
             name=trial_dir_name,
             storage_path=str(Path(ctx["storage_path"]) / ctx["sweep_name"] / "train"),

@@ -7,7 +7,8 @@ from ray.tune.schedulers import ASHAScheduler
 
 from sweeps.config import SweepConfig, parse_config
 from sweeps.search import search_space, searched_values, tune_settings, warmup_key
-from sweeps.trial import trial_run_name, trial_settings
+from sweeps.stages import trial_resources
+from sweeps.trial import trial_run_name, trial_settings, worker_resources
 from trainers.config import TrainConfig
 
 
@@ -57,6 +58,19 @@ def test_worker_shares_parse_and_reject_malformed_entries():
     for bad in ("tiny-pythia-1m", "=0.3", "tiny-pythia-1m=0", "tiny-pythia-1m=lots"):
         with pytest.raises(ValueError, match="MODEL=SHARE"):
             SweepConfig(worker_shares=[bad]).worker_share_by_model()
+
+
+def test_worker_resources_and_trial_placement_reach_ray():
+    config = parse_config(["--worker-resources", "trainer=1", "accelerator_type:A10G=0.5"], "")
+    assert config.worker_resource_requests() == {"trainer": 1.0, "accelerator_type:A10G": 0.5}
+    with pytest.raises(ValueError, match="RESOURCE=AMOUNT"):
+        SweepConfig(worker_resources=["trainer=-1"]).worker_resource_requests()
+    ctx = {"worker_resources": config.worker_resource_requests()}
+    assert worker_resources(TrainConfig(cpus_per_worker=0.4), ctx) == {"CPU": 0.4, "trainer": 1.0, "accelerator_type:A10G": 0.5}
+    assert worker_resources(TrainConfig(use_gpu=True, gpus_per_worker=0.5), {}) == {"GPU": 0.5}
+    # trial processes sit on the head node (which Ray marks with its own resource) unless told otherwise
+    assert trial_resources(SweepConfig()) == {"cpu": 0.01, "node:__internal_head__": 0.001}
+    assert trial_resources(parse_config(["--trials-on-head", "false"], "")) == {"cpu": 0.01}
 
 
 CTX = {"stage": "sweep", "sft_recipe": "chosen",
