@@ -123,7 +123,10 @@ def run_sweep(config: SweepConfig, param_space: dict) -> SweepOutcome:
     configure_quiet_logging()
     tracking_uri = config.tracking_uri or default_tracking_uri(Path.cwd())
     tracker = Tracker(tracking_uri)
-    tracker.check_reachable()
+    try:
+        tracker.check_reachable()
+    except RuntimeError as error:  # before any training: say what is wrong, not a traceback
+        raise SystemExit(f"error: {error}") from None
     storage = Path(config.resolved_storage_path())
     storage.mkdir(parents=True, exist_ok=True)
 

@@ -64,6 +64,8 @@ class MlflowReportCallback(UserCallback):
             tracker.log_dataframe(self.run_id, pd.DataFrame(records), f"logps/step_{step:06d}.csv")
         if PRIVATE_PREFIX + "data" in report:
             tracker.set_tags(self.run_id, {f"data.{k}": v for k, v in report[PRIVATE_PREFIX + "data"].items()})
+        if PRIVATE_PREFIX + "nodes" in report:  # the worker group (re)started: where its ranks run
+            tracker.set_tags(self.run_id, {"ray_nodes": ",".join(report[PRIVATE_PREFIX + "nodes"])})
         if PRIVATE_PREFIX + "resumed_from_step" in report:
             tracker.set_tags(self.run_id, {"resumed_from_step": report[PRIVATE_PREFIX + "resumed_from_step"]})
         if PRIVATE_PREFIX + "final_model_dir" in report:

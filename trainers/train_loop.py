@@ -36,6 +36,18 @@ def _inject_fault_once(step: int, run_name: str) -> None:
         os._exit(1)
 
 
+def worker_nodes() -> list[str]:
+    """The Ray node of every rank, so a trial's MLflow run says where it trained (and restarted)."""
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [node]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, node)
+    return gathered
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     config = TrainConfig.from_dict(loop_config["train"])
     final_model_dir = loop_config.get("final_model_dir")
@@ -57,11 +69,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             trainer.load_state_dict(torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False))
     resumed_from = trainer.step if checkpoint is not None else None
     trainer.prepare()
+    nodes = worker_nodes()  # every rank takes part; rank 0's first report carries them
 
     pending: list[dict] = []   # per-step metrics not yet reported; each report ships them all
 
     def report(records: list[dict] | None, save: bool, final: bool) -> None:
+        nonlocal nodes
         payload: dict = {"step": trainer.step}
+        if rank == 0 and nodes:
+            payload[PRIVATE_PREFIX + "nodes"], nodes = nodes, None
         if rank == 0:
             payload.update(pending[-1] if pending else {})
             payload[PRIVATE_PREFIX + "history"] = list(pending)
