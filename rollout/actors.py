@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import ray
 
 from rollout.interface import RolloutBatch, SamplingParams
+from trainers import storage
 
 
 class RolloutError(RuntimeError):
@@ -68,6 +69,8 @@ def build_engine(config: RolloutConfig, seed: int):
 class RolloutActor:
     def __init__(self, config: dict, index: int):
         self.config, self.index = RolloutConfig(**config), index
+        # a model folder on remote storage (s3://...): load this node's copy
+        self.config = replace(self.config, model=storage.local_copy(self.config.model))
         self.engine = build_engine(self.config, seed=self.config.seed)  # same start weights on every actor
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import types
 import typing
+import urllib.parse
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -45,7 +46,7 @@ class SweepConfig:
     share_reference_logps: bool = _f(True, "compute the reference model's log-probs of the training pairs once and share them with every trial (false: each trial runs the reference every step)")
     tracking_uri: str | None = _f(None, "MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db; http://host:5000 for a server)")
     experiment_name: str = _f("probesweep", "MLflow experiment")
-    storage_path: str | None = _f(None, "where checkpoints, probe sets and final models go (default: ./probesweep_runs)")
+    storage_path: str | None = _f(None, "where Ray's checkpoints, probe sets, SFT warm-ups, reference log-probs, final models and sweep_state.json (--resume) go: a local folder (on a cluster, one every node shares) or a URI every node reaches, e.g. s3://bucket/prefix, which nodes read through a local cache (default: ./probesweep_runs)")
     address: str | None = _f(None, "Ray cluster to join ('auto' or host:port); default: a fresh local Ray")
     num_cpus: int | None = _f(None, "CPUs of the local Ray instance (default: all cores)")
     max_concurrent_trials: int = _f(3, "trials running at once")
@@ -67,9 +68,7 @@ class SweepConfig:
         return parse_assignments(self.worker_resources, "worker_resources", "RESOURCE=AMOUNT")
 
     def resolved_storage_path(self) -> str:
-        if self.storage_path and "://" in self.storage_path:
-            return self.storage_path
-        return str(Path(self.storage_path or "probesweep_runs").resolve())
+        return resolve_storage_path(self.storage_path)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,6 +87,15 @@ def parse_assignments(entries: list[str] | None, option: str, form: str) -> dict
             raise ValueError(f"{option}: expected {form} with a value > 0, got {entry!r}")
         parsed[name] = amount
     return parsed
+
+
+def resolve_storage_path(path: str | None) -> str:
+    """A URI as given (s3://, gs://, ...), else an absolute local folder (a file:// URI becomes one)."""
+    if path and "://" in path:
+        if not path.startswith("file://"):
+            return path
+        return str(Path(urllib.parse.unquote(urllib.parse.urlsplit(path).path)).resolve())
+    return str(Path(path or "probesweep_runs").resolve())
 
 
 def _scalar_type(annotation):

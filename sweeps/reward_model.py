@@ -17,8 +17,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sweeps.config import _add_fields  # noqa: E402
+from sweeps.config import _add_fields, resolve_storage_path  # noqa: E402
 from sweeps.tracking import Tracker, configure_quiet_logging, default_tracking_uri, mlflow_ui_command  # noqa: E402
+from trainers import storage as store  # noqa: E402
 from trainers.reward_model import RewardModelConfig  # noqa: E402
 
 
@@ -49,7 +50,8 @@ def reward_trial(trial_config: dict) -> None:
     name = f"lr={config.lr} model={config.model}"
     run_id = tracker.start_run(ctx["experiment_id"], name, params=config.to_dict(), parent_run_id=ctx["parent_run_id"],
                                tags={"stage": "reward-model", "sweep": ctx["sweep_name"]})
-    output = Path(ctx["storage_path"]) / "reward-models" / f"{ctx['sweep_name']}-{tune.get_context().get_trial_id()}"
+    # a local folder or a URI (the model is saved locally and uploaded); PPO's --reward takes either
+    output = store.join(ctx["storage_path"], "reward-models", f"{ctx['sweep_name']}-{tune.get_context().get_trial_id()}")
 
     def log(step: int, metrics: dict) -> None:
         tracker.log_metrics(run_id, metrics, step=step)
@@ -57,11 +59,12 @@ def reward_trial(trial_config: dict) -> None:
             tune.report({"step": step, **metrics})
 
     try:
-        result = train_reward_model(config, output_dir=output, log=log)
+        with store.output_dir(output) as directory:
+            result = train_reward_model(config, output_dir=directory, log=log)
     except Exception:
         tracker.end_run(run_id, failed=True)
         raise
-    tracker.set_tags(run_id, {"reward_model_dir": str(output)})
+    tracker.set_tags(run_id, {"reward_model_dir": output})
     tracker.end_run(run_id)
     print(f"{name}: held-out accuracy {result.evaluations[-1]['eval/accuracy']:.3f} -> {output}", flush=True)
 
@@ -80,14 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     reward = RewardModelConfig(**{f.name: args[f.name] for f in fields(RewardModelConfig) if f.name in args})
     configure_quiet_logging()
     tracking_uri = sweep.tracking_uri or default_tracking_uri(Path.cwd())
-    storage = Path(sweep.storage_path or "probesweep_runs").resolve()
+    storage = resolve_storage_path(sweep.storage_path)  # a local folder or a URI
     tracker = Tracker(tracking_uri)
     tracker.check_reachable()
     experiment_id = tracker.experiment_id(sweep.experiment_name)
     parent = tracker.start_run(experiment_id, f"sweep:{sweep.name}", params={**asdict(sweep), **reward.to_dict()},
                                tags={"sweep": sweep.name, "entry_point": "reward_model.py"})
     space = {"reward": reward.to_dict(), "context": {"tracking_uri": tracking_uri, "experiment_id": experiment_id,
-                                                      "parent_run_id": parent, "storage_path": str(storage),
+                                                      "parent_run_id": parent, "storage_path": storage,
                                                       "sweep_name": sweep.name}}
     for key, values in (("lr", sweep.lrs), ("model", sweep.models)):
         if values:
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         start_ray(sweep.address, sweep.num_cpus)
         tuner = tune.Tuner(tune.with_resources(reward_trial, {"cpu": 0.5}), param_space=space,
                            tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials),
-                           run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=0))
+                           run_config=tune.RunConfig(name=sweep.name, storage_path=storage, verbose=0))
         results = tuner.fit()
         failed = any(r.error for r in results)
     finally:

@@ -12,10 +12,10 @@ import json
 import os
 import time
 from dataclasses import replace
-from pathlib import Path
 
 from sweeps.config import SweepConfig
 from sweeps.search import tune_settings, warmup_key
+from trainers import storage as store
 from trainers.config import TrainConfig
 
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node this resource (amount 1)
@@ -33,7 +33,7 @@ def run_stage(stage: str, param_space: dict, config: SweepConfig, context: dict,
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's new console output ignores verbose=0
     trainable = tune.with_resources(run_trial, trial_resources(config))
     name = f"{config.name}-{stage}"
-    path = os.path.join(context["storage_path"], name)
+    path = store.join(context["storage_path"], name)  # a local folder or a URI
     progress = TrialProgress(stage, total_steps)
     if config.resume and tune.Tuner.can_restore(path):
         print(f"resuming {name} from {path}", flush=True)
@@ -71,9 +71,9 @@ def shared_sft_warmups(config: SweepConfig, models: list[str], recipes: list[str
     stage) only those not cached yet."""
     if config.sft_steps <= 0:
         return {}
-    shared = Path(context["storage_path"]) / "shared"
-    folders = {warmup_key(m, r): shared / f"sft-warmup-{sft_warmup_key(config, m, r)}" for m in models for r in recipes}
-    missing = [key for key, folder in folders.items() if not (folder / ".complete").exists()]
+    shared = store.join(context["storage_path"], "shared")  # a local folder or a URI: the warm-up's rank 0 uploads
+    folders = {warmup_key(m, r): store.join(shared, f"sft-warmup-{sft_warmup_key(config, m, r)}") for m in models for r in recipes}
+    missing = [key for key, folder in folders.items() if not store.exists(store.join(folder, ".complete"))]
     for key in sorted(set(folders) - set(missing)):
         print(f"reusing the SFT warm-up {key} in {folders[key]}", flush=True)
     if missing:
@@ -90,13 +90,13 @@ def shared_sft_warmups(config: SweepConfig, models: list[str], recipes: list[str
             space["sft_recipe"] = tune_grid(missing_recipes)
         warmup_config = replace(config, search="grid", scheduler="fifo", num_samples=1)
         results = run_stage("sft-warmup", space, warmup_config,
-                            {**context, "final_model_dirs": {k: str(folders[k]) for k in missing}}, config.sft_steps)
+                            {**context, "final_model_dirs": {k: folders[k] for k in missing}}, config.sft_steps)
         errors = [r.error for r in results if r.error]
         if errors:
             raise RuntimeError(f"the SFT warm-up failed: {errors[0]}")
         for key in missing:  # a grid over missing models x recipes may also retrain a cached one: harmless
-            (folders[key] / ".complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
-    return {key: str(folder) for key, folder in folders.items()}
+            store.write_text(store.join(folders[key], ".complete"), time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return folders
 
 
 def tune_grid(values: list):
@@ -114,7 +114,7 @@ def _reference_logps_task(train: dict, directory: str) -> tuple[str, bool, float
     from trainers.reference_logps import load_or_compute_reference_logps
 
     started = time.perf_counter()
-    config = TrainConfig.from_dict(train)
+    config = store.local_inputs(TrainConfig.from_dict(train), ["init_checkpoint"])  # a remote warm-up: this node's copy
     model, tokenizer = load_model_and_tokenizer(config.init_checkpoint or config.model, seed=config.seed)
     if config.use_gpu:
         model.to("cuda")
@@ -137,7 +137,7 @@ def shared_reference_logps(config: SweepConfig, train: TrainConfig, context: dic
         return None
     import ray
 
-    directory = str(Path(context["storage_path"]) / "shared" / "reference_logps")
+    directory = store.join(context["storage_path"], "shared", "reference_logps")  # the task uploads to a URI
     resources = {"num_gpus": 1} if train.use_gpu else {"num_cpus": train.cpus_per_worker}
     if context.get("worker_resources"):  # where the training workers may run, so may this
         resources["resources"] = dict(context["worker_resources"])

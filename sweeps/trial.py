@@ -6,7 +6,6 @@ fits a TorchTrainer; worker reports reach Tune through `TuneReportCallback` and 
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -20,6 +19,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from probes.plots import plot_category_curves
 from sweeps.search import SEARCHABLE, TRAIN_FIELDS, warmup_key
 from sweeps.tracking import Tracker
+from trainers import storage as store
 from trainers.config import TrainConfig
 from trainers.train_loop import PRIVATE_PREFIX, train_loop_per_worker
 
@@ -142,7 +142,7 @@ def run_trial(trial_config: dict) -> None:
 
     trial_dir_name = f"{ctx['stage']}-{trial_id}"
     final_model_dir = (ctx.get("final_model_dirs", {}).get(warmup_key(train["model"], recipe_of(searched, ctx)))
-                       or str(Path(ctx["storage_path"]) / ctx["sweep_name"] / "models" / trial_dir_name))
+                       or store.join(ctx["storage_path"], ctx["sweep_name"], "models", trial_dir_name))  # local or a URI
     config = TrainConfig.from_dict(train)
     loop_config = {"train": train, "final_model_dir": final_model_dir}
     pool = rollout_pool(config) if config.loss == "ppo" or config.probe_decodes == "actors" else None
@@ -155,7 +155,7 @@ def run_trial(trial_config: dict) -> None:
                                      resources_per_worker=worker_resources(config, ctx)),
         run_config=RunConfig(
             name=trial_dir_name,
-            storage_path=str(Path(ctx["storage_path"]) / ctx["sweep_name"] / "train"),
+            storage_path=store.join(ctx["storage_path"], ctx["sweep_name"], "train"),
             callbacks=[TuneForwardCallback(), MlflowReportCallback(ctx["tracking_uri"], run_id)],
             failure_config=FailureConfig(max_failures=ctx["max_failures"]),
         ),

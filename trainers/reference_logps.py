@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from trainers import storage
 from trainers.collate import TokenizedPair, collate_preference_batch
 from trainers.logprobs import sequence_logps
 
@@ -61,11 +62,12 @@ class ReferenceLogps:
 
     @classmethod
     def load(cls, path: str | Path, expected_key: str, expected_pairs: int) -> "ReferenceLogps":
-        if not Path(path).exists():
+        """`path` may be a URI (remote storage): the file is read from this node's copy of it."""
+        if not storage.exists(path):
             raise FileNotFoundError(f"{path}: no shared reference log-probs for this reference model and data "
                                     f"(key {expected_key}); the sweep driver computes them, or unset reference_logps_dir")
         try:
-            with np.load(path) as data:
+            with np.load(storage.local_copy(path)) as data:
                 loaded = cls(str(data["key"]), data["chosen"].astype(np.float64), data["rejected"].astype(np.float64))
         except (OSError, KeyError, ValueError) as error:
             raise ValueError(f"{path}: unreadable reference log-prob file ({error})") from error
@@ -95,18 +97,27 @@ def compute_reference_logps(model, pairs: Sequence[TokenizedPair], pad_id: int, 
     return np.concatenate(chosen), np.concatenate(rejected)
 
 
-def reference_logps_path(directory: str | Path, key: str) -> Path:
+def reference_logps_path(directory: str | Path, key: str) -> Path | str:
+    """The file of `key` in `directory`: a Path, or a URI when the directory is one."""
+    if storage.is_uri(directory):
+        return storage.join(directory, f"reference-logps-{key}.npz")
     return Path(directory) / f"reference-logps-{key}.npz"
 
 
 def load_or_compute_reference_logps(model, pairs: Sequence[TokenizedPair], pad_id: int, directory: str | Path,
                                     batch_size: int = 16) -> tuple[ReferenceLogps, Path, bool]:
-    """(log-probs, their file, whether they were computed now) for this reference model and data."""
+    """(log-probs, their file, whether they were computed now) for this reference model and data.
+
+    `directory` may be a URI (remote storage): the file is then written locally and uploaded."""
     key = reference_key(model, pairs)
     path = reference_logps_path(directory, key)
-    if path.exists():
+    if storage.exists(path):
         return ReferenceLogps.load(path, key, len(pairs)), path, False
     chosen, rejected = compute_reference_logps(model, pairs, pad_id, batch_size)
     logps = ReferenceLogps(key, chosen, rejected)
-    logps.save(path)
+    if storage.is_uri(path):
+        with tempfile.TemporaryDirectory() as staging:
+            storage.upload_file(logps.save(Path(staging) / f"reference-logps-{key}.npz"), path)
+    else:
+        logps.save(path)
     return logps, path, True

@@ -16,6 +16,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from trainers import storage
 from trainers.config import TrainConfig
 from trainers.policy_trainer import PolicyTrainer
 
@@ -49,7 +50,8 @@ def worker_nodes() -> list[str]:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    config = TrainConfig.from_dict(loop_config["train"])
+    # remote storage (s3://...): the warm-up, probe set and reward model are read from this node's copies
+    config = storage.local_inputs(TrainConfig.from_dict(loop_config["train"]))
     final_model_dir = loop_config.get("final_model_dir")
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -88,7 +90,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if trainer.step == 0 or final:
                 payload[PRIVATE_PREFIX + "data"] = {"train_pairs": len(trainer.pairs), "skipped_rows": trainer.skipped_rows}
             if final and final_model_dir:
-                trainer.save_pretrained(final_model_dir)
+                with storage.output_dir(final_model_dir) as directory:  # a URI: saved locally, then uploaded
+                    trainer.save_pretrained(directory)
                 payload[PRIVATE_PREFIX + "final_model_dir"] = str(final_model_dir)
         pending.clear()
         if save and rank == 0:
