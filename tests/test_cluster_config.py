@@ -257,14 +257,16 @@ def test_sweep_flags_of_the_header_parse():
 
 def test_every_flag_the_comments_mention_exists():
     """A flag in a comment is the sweep's (sweeps.config.build_parser) or one of the Ray / MLflow
-    commands the file runs; anything else is a typo or a flag that was renamed."""
+    commands the file runs or names (ray start, ray up, ray job submit, mlflow server); anything
+    else is a typo or a flag that was renamed."""
     from mlflow.cli import server
-    from ray.scripts.scripts import start, up
+    from ray.scripts.scripts import cli
 
     from sweeps.config import build_parser
 
     sweep_flags = set(build_parser("cluster.yaml")._option_string_actions)
-    other_flags = click_options(start) | click_options(up) | click_options(server)
+    ray_commands = [cli.commands["start"], cli.commands["up"], cli.commands["job"].commands["submit"]]
+    other_flags = set().union(*map(click_options, ray_commands), click_options(server))
     mentioned = {flag for line in comment_lines() for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line)}
     assert mentioned, "no flags found in the comments"
     unknown = sorted(mentioned - sweep_flags - other_flags)
