@@ -95,14 +95,15 @@ def node_loss_sweep(mlflow_server, tmp_path_factory):
     workers = [cluster.add_node(**WORKER_NODE) for _ in range(2)]
     cluster.wait_for_nodes()
     command = [sys.executable, str(ENTRY), "--name", "ctest", "--experiment-name", "ctest", "--betas", "0.1", "0.5",
-               "--lr", "1e-3", "--sft-steps", "0", "--address", cluster.address, "--tracking-uri", mlflow_server,
+               "--lr", "1e-3", "--sft-steps", "0", "--tracking-uri", mlflow_server,
                "--storage-path", str(root / "runs"), "--worker-resources", "trainer=1", "--cpus-per-worker", "0.5",
                "--max-concurrent-trials", "2", "--max-failures", "2", "--max-steps", str(MAX_STEPS),
                "--eval-every", str(EVAL_EVERY), "--checkpoint-every", str(CHECKPOINT_EVERY), "--report-every", "1",
                "--num-probe-prompts", "4", "--max-train-pairs", "200", "--greedy-max-tokens", "8",
                "--micro-batch-size", "4", "--num-workers", "2"]
     log = (root / "driver.log").open("w")
-    driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    # the cluster's address as `ray job submit` hands it to a job's driver (`--address` does the same)
+    driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": cluster.address})
     tracker = Tracker(mlflow_server)
     before, victim, killed_node, replacement = {}, None, None, None
     try:
