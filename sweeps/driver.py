@@ -23,11 +23,14 @@ from sweeps.search import search_space, searched_values, warmup_key
 from sweeps.stages import run_stage, shared_reference_logps, shared_sft_warmups
 from sweeps.summary import CATEGORIES, print_outcome, summarize_sweep  # noqa: F401  (print_outcome: entry points)
 from sweeps.tracking import Tracker, configure_quiet_logging, default_tracking_uri
+from trainers import storage as store
 from trainers.config import TrainConfig
 from trainers.data import load_preference_data
 from trainers.models import load_tokenizer
 
 STATE_FILE = "sweep_state.json"
+# set on the driver, needed by every node to reach the same object store (no secrets: credentials stay with each node)
+STORE_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 @dataclass
@@ -52,7 +55,8 @@ def start_ray(address: str | None, num_cpus: int | None, poll_interval_s: float 
         return
     options = {"log_to_driver": False, "logging_level": "ERROR",
                "runtime_env": {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(poll_interval_s),
-                                            "TOKENIZERS_PARALLELISM": "false"}}}
+                                            "TOKENIZERS_PARALLELISM": "false",
+                                            **{k: os.environ[k] for k in STORE_ENV_VARS if os.environ.get(k)}}}}
     address = address or os.environ.get("RAY_ADDRESS")  # `ray job submit` sets it for the job's driver
     if address:  # an existing cluster owns its resources
         ray.init(address=address, **options)
@@ -61,19 +65,29 @@ def start_ray(address: str | None, num_cpus: int | None, poll_interval_s: float 
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **options)
 
 
-def prepare_probe_set(train: TrainConfig, storage: Path) -> tuple[ProbeSet, str]:
-    """The probe set every trial scores: a given folder, or built once from the eval split and cached."""
-    if train.probe_set_dir:  # absolute: Ray workers run in other directories
-        directory = str(Path(train.probe_set_dir).resolve())
-        probe_set = ProbeSet.load(directory)
+def prepare_probe_set(train: TrainConfig, storage: str) -> tuple[ProbeSet, str]:
+    """The probe set every trial scores: a given folder (or URI), or built once from the eval split and
+    cached under the storage; with remote storage it is built here and published there."""
+    if train.probe_set_dir:
+        # absolute: Ray workers run in other directories; a URI stays one (workers fetch their own copy)
+        directory = train.probe_set_dir if store.is_uri(train.probe_set_dir) else str(Path(train.probe_set_dir).resolve())
+        probe_set = ProbeSet.load(store.local_copy(directory))
         if len(probe_set.prompts) > train.num_probe_prompts:
             print(f"note: the probe set has {len(probe_set.prompts)} prompts; trials score the first "
                   f"{train.num_probe_prompts} (--num-probe-prompts)", flush=True)
         return probe_set, directory
     data = load_preference_data(train.dataset, train.eval_split, skip_bad_rows=train.skip_bad_rows)
-    directory = cached_probe_set_dir(storage / "probe_sets", data.pairs, RuleBasedGenerator(),
+    build_root = store.cache_root() / "probe_sets" if store.is_remote(storage) else Path(storage) / "probe_sets"
+    directory = cached_probe_set_dir(build_root, data.pairs, RuleBasedGenerator(),
                                      train.num_probe_prompts, train.seed, f"{train.dataset}:{train.eval_split}")
-    return ProbeSet.load(directory), str(directory)
+    probe_set = ProbeSet.load(directory)
+    if not store.is_remote(storage):
+        return probe_set, str(directory)
+    published = store.join(storage, "probe_sets", directory.name)  # content-keyed: publish once, reuse after
+    if not store.exists(store.join(published, ".complete")):
+        store.upload_dir(directory, published)
+        store.write_text(store.join(published, ".complete"), "")
+    return probe_set, published
 
 
 def check_training_data(train: TrainConfig) -> int:
@@ -85,14 +99,14 @@ def check_training_data(train: TrainConfig) -> int:
     return len(data.pairs)
 
 
-def open_parent_run(tracker: Tracker, config: SweepConfig, storage: Path, probe_set: ProbeSet, probe_dir: str,
+def open_parent_run(tracker: Tracker, config: SweepConfig, storage: str, probe_set: ProbeSet, probe_dir: str,
                     num_pairs: int) -> tuple[str, str]:
     """(experiment id, parent run id): a new parent run, or with --resume the interrupted one."""
-    state_path = storage / config.name / STATE_FILE
+    state_path = store.join(storage, config.name, STATE_FILE)
     if config.resume:
-        if not state_path.exists():
+        if not store.exists(state_path):
             raise SystemExit(f"--resume: no interrupted sweep {config.name!r} under {storage} ({state_path} is missing)")
-        state = json.loads(state_path.read_text())
+        state = json.loads(store.read_text(state_path))
         tracker.client.update_run(state["parent_run_id"], status="RUNNING")
         print(f"resuming sweep {config.name!r}: MLflow parent run {state['parent_run_id']}", flush=True)
         return state["experiment_id"], state["parent_run_id"]
@@ -103,11 +117,11 @@ def open_parent_run(tracker: Tracker, config: SweepConfig, storage: Path, probe_
         tags={"sweep": config.name, "entry_point": Path(sys.argv[0]).name},
     )
     tracker.log_text(parent_run_id, yaml.safe_dump(config.to_dict(), sort_keys=True), "config/resolved_config.yaml")
-    tracker.log_artifact(parent_run_id, Path(probe_dir) / "probes.jsonl", "probe_set")
-    tracker.log_artifact(parent_run_id, Path(probe_dir) / "manifest.json", "probe_set")
-    state_path.parent.mkdir(parents=True, exist_ok=True)
-    state_path.write_text(json.dumps({"parent_run_id": parent_run_id, "experiment_id": experiment_id,
-                                      "tracking_uri": tracker.tracking_uri}))
+    local_probe_dir = Path(store.local_copy(probe_dir))
+    tracker.log_artifact(parent_run_id, local_probe_dir / "probes.jsonl", "probe_set")
+    tracker.log_artifact(parent_run_id, local_probe_dir / "manifest.json", "probe_set")
+    store.write_text(state_path, json.dumps({"parent_run_id": parent_run_id, "experiment_id": experiment_id,
+                                             "tracking_uri": tracker.tracking_uri}))
     return experiment_id, parent_run_id
 
 
@@ -128,8 +142,9 @@ def run_sweep(config: SweepConfig, param_space: dict) -> SweepOutcome:
         tracker.check_reachable()
     except RuntimeError as error:  # before any training: say what is wrong, not a traceback
         raise SystemExit(f"error: {error}") from None
-    storage = Path(config.resolved_storage_path())
-    storage.mkdir(parents=True, exist_ok=True)
+    storage = config.resolved_storage_path()  # a local folder or a URI (remote storage)
+    if not store.is_remote(storage):
+        Path(storage).mkdir(parents=True, exist_ok=True)
 
     print(f"preparing tokenizer, data and probe set ({config.train.dataset}) ...", flush=True)
     searched = searched_values(param_space)
@@ -143,7 +158,7 @@ def run_sweep(config: SweepConfig, param_space: dict) -> SweepOutcome:
           f"probe set {probe_set.content_hash()}: {len(probe_set.prompts)} prompts x {len(CATEGORIES)} categories")
 
     context = {"tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
-               "storage_path": str(storage), "sweep_name": config.name, "max_failures": config.max_failures,
+               "storage_path": storage, "sweep_name": config.name, "max_failures": config.max_failures,
                "probe_set_hash": probe_set.content_hash(), "categories": CATEGORIES,
                "sft_recipe": config.sft_recipe, "worker_shares": config.worker_share_by_model(),
                "worker_resources": config.worker_resource_requests()}
