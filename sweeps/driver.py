@@ -65,6 +65,18 @@ def start_ray(address: str | None, num_cpus: int | None, poll_interval_s: float 
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **options)
 
 
+def warn_if_store_is_node_local(tracking_uri: str, address: str | None) -> bool:
+    """On a cluster, a file store (SQLite) lives on one node's disk — a job's working folder is even
+    deleted afterwards — so say so before the sweep starts; a server is what a cluster wants."""
+    on_disk = tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
+    if not address or not on_disk:
+        return False
+    print(f"warning: joining the Ray cluster at {address!r} with MLflow store {tracking_uri!r} on this node's disk; "
+          "pass --tracking-uri http://<head-ip>:5000 (the server cluster.yaml starts) so runs outlive this job",
+          file=sys.stderr, flush=True)
+    return True
+
+
 def prepare_probe_set(train: TrainConfig, storage: str) -> tuple[ProbeSet, str]:
     """The probe set every trial scores: a given folder (or URI), or built once from the eval split and
     cached under the storage; with remote storage it is built here and published there."""
@@ -137,6 +149,7 @@ def run_sweep(config: SweepConfig, param_space: dict) -> SweepOutcome:
     """Run the warm-ups and the searched trials; return where everything landed."""
     configure_quiet_logging()
     tracking_uri = config.tracking_uri or default_tracking_uri(Path.cwd())
+    warn_if_store_is_node_local(tracking_uri, config.address or os.environ.get("RAY_ADDRESS"))
     tracker = Tracker(tracking_uri)
     try:
         tracker.check_reachable()

@@ -101,3 +101,13 @@ def test_run_names_say_what_differs():
     assert trial_run_name({"loss": "dpo"}, {"sft_recipe": "both", "beta": 0.1, "model": "tiny-pythia-4m", "lr": 5e-6}) == \
         "beta=0.1 lr=5e-06 model=tiny-pythia-4m sft_recipe=both"
     assert trial_run_name({"loss": "sft"}, {}) == "sft"
+
+
+def test_a_file_store_on_a_cluster_gets_a_warning(capsys):
+    from sweeps.driver import warn_if_store_is_node_local
+
+    assert warn_if_store_is_node_local("sqlite:////tmp/x/mlflow.db", "auto")
+    assert "--tracking-uri http://" in capsys.readouterr().err
+    assert warn_if_store_is_node_local("mlruns", "10.0.0.1:6379")
+    assert not warn_if_store_is_node_local("http://10.0.0.1:5000", "auto")
+    assert not warn_if_store_is_node_local("sqlite:////tmp/x/mlflow.db", None)  # one machine: the default is right
