@@ -119,7 +119,11 @@ def open_parent_run(tracker: Tracker, config: SweepConfig, storage: str, probe_s
         if not store.exists(state_path):
             raise SystemExit(f"--resume: no interrupted sweep {config.name!r} under {storage} ({state_path} is missing)")
         state = json.loads(store.read_text(state_path))
-        tracker.client.update_run(state["parent_run_id"], status="RUNNING")
+        try:
+            tracker.client.update_run(state["parent_run_id"], status="RUNNING")
+        except Exception as error:  # noqa: BLE001 - e.g. a cluster's SQLite store went with its head node
+            raise SystemExit(f"--resume: {state_path} names MLflow parent run {state['parent_run_id']} (store "
+                             f"{state.get('tracking_uri')}), which {tracker.tracking_uri} does not have: {error}") from None
         print(f"resuming sweep {config.name!r}: MLflow parent run {state['parent_run_id']}", flush=True)
         return state["experiment_id"], state["parent_run_id"]
     experiment_id = tracker.experiment_id(config.experiment_name)
