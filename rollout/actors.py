@@ -33,6 +33,7 @@ class RolloutConfig:
     seed: int = 0
     timeout_s: float = 300.0                 # longest wait for any actor call (generation or weight load)
     vllm_gpu_memory_utilization: float = 0.4
+    max_restarts: int = 3                    # an actor lost with its node comes back (start weights; the next sync updates it)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,7 +111,7 @@ class RolloutPool:
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
             # outside any placement group of the caller (a Tune trial reserves only its own small share)
-            resources = {"num_cpus": config.cpus_per_actor, "num_gpus": config.gpus_per_actor,
+            resources = {"num_cpus": config.cpus_per_actor, "num_gpus": config.gpus_per_actor, "max_restarts": config.max_restarts,
                          "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)}
             actors = [RolloutActor.options(**resources).remote(config.to_dict(), i) for i in range(config.num_actors)]
         self.actors = actors

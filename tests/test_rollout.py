@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 
+import time
+
 import pytest
 import torch
 
@@ -141,3 +143,26 @@ def test_a_slow_or_dead_actor_is_an_error_not_a_hang(pool):
     ray.kill(doomed.actors[0])
     with pytest.raises(RolloutError, match="died"):
         doomed.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4))
+
+
+@pytest.mark.ray
+def test_an_actor_lost_with_its_node_restarts_and_the_next_sync_updates_it(pool):
+    import ray
+
+    model, _ = load_model_and_tokenizer(MODEL, seed=0)
+    revived = RolloutPool(RolloutConfig(model=MODEL, num_actors=1, cpus_per_actor=0.1, timeout_s=120))
+    revived.sync_weights(model.state_dict(), 3)
+    ray.kill(revived.actors[0], no_restart=False)  # what a lost node does to it
+    deadline = time.monotonic() + 120
+    while True:  # calls fail while it restarts, then it answers with its start weights
+        try:
+            versions = revived.versions()
+            break
+        except RolloutError:
+            assert time.monotonic() < deadline, "the actor did not come back"
+            time.sleep(0.5)
+    assert versions != [3]
+    revived.sync_weights(model.state_dict(), 4)  # what a restarted trainer does first
+    assert revived.versions() == [4]
+    assert revived.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4)).policy_version == 4
+    revived.shutdown()
