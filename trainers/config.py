@@ -70,6 +70,8 @@ class TrainConfig:
     probe_set_dir: str | None = _f(None, "a saved probe set folder (the sweep builds and sets it)")
     # distribution
     num_workers: int = _f(2, "Ray Train workers per trial (DDP)")
+    strategy: str = _f("ddp", "how workers share the training: 'ddp' (every worker holds the full model and optimizer) or 'deepspeed' (ZeRO: --zero-stage 2 shards optimizer state and gradients across workers, 3 also the parameters; needs the deepspeed extra)", choices=("ddp", "deepspeed"))
+    zero_stage: int = _f(2, "ZeRO stage with --strategy deepspeed: 1 shards optimizer state, 2 also gradients, 3 also parameters", choices=(1, 2, 3))
     cpus_per_worker: float = _f(0.3, "CPU share per worker; fractional so trials pack on small machines")
     gpus_per_worker: float = _f(1.0, "GPU share per worker with use_gpu (fractional: several small trials share a GPU)")
     use_gpu: bool = _f(False, "GPUs for the workers (NCCL; gpus_per_worker each); default CPU with gloo")
@@ -91,6 +93,13 @@ class TrainConfig:
             raise ValueError(f"ppo_kl_estimator must be k1 or k3, got {self.ppo_kl_estimator!r}")
         if self.loss == "ppo" and self.micro_batch_size % self.ppo_minibatches:
             raise ValueError(f"micro_batch_size ({self.micro_batch_size}) must be a multiple of ppo_minibatches ({self.ppo_minibatches})")
+        if self.strategy not in ("ddp", "deepspeed"):
+            raise ValueError(f"strategy must be 'ddp' or 'deepspeed', got {self.strategy!r}")
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"zero_stage must be 1, 2 or 3 (ZeRO stages), got {self.zero_stage!r}")
+        if self.strategy == "deepspeed" and self.loss == "ppo":
+            raise ValueError("strategy 'deepspeed' does not support loss 'ppo' yet (PPO runs its own update loop); "
+                             "use --strategy ddp for PPO")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker and gpus_per_worker must be > 0, got {self.cpus_per_worker}, {self.gpus_per_worker}")
         for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_every", "num_workers", "num_probe_prompts", "report_every", "checkpoint_every",
