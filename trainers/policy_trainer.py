@@ -2,7 +2,8 @@
 
 No Ray in here. With torch.distributed initialised (as Ray Train does) it shards data and probe
 prompts by rank and averages metrics across ranks; without it, it runs in one process, which is
-how the tests check reproducibility and how a notebook would use it.
+how the tests check reproducibility and how a notebook would use it. With `strategy='deepspeed'`
+a DeepSpeed ZeRO engine (trainers.deepspeed_strategy) takes DDP's place.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import contextlib
 import copy
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -22,6 +24,8 @@ from trainers.evaluation import evaluate_probes, summarize_records, tokenize_pro
 from trainers.models import load_model_and_tokenizer
 from trainers.objectives import compute_loss
 from trainers.reference_logps import ReferenceLogps, reference_key, reference_logps_path
+
+STATE_FILE = "train_state.pt"   # the DDP checkpoint: rank 0's full state in one file
 
 
 def _distributed() -> bool:
@@ -56,6 +60,11 @@ class PolicyTrainer:
 
     def __init__(self, config: TrainConfig, rank: int = 0, world_size: int = 1, wrap_model=None, pool=None):
         self.config, self.rank, self.world_size = config, rank, world_size
+        self.strategy = None  # DeepSpeed ZeRO in place of DDP (`wrap_model` is then unused)
+        if config.strategy == "deepspeed":
+            from trainers.deepspeed_strategy import ZeroStrategy
+
+            self.strategy = ZeroStrategy(config)
         self.pool = pool             # rollout actors (rollout.actors.RolloutPool), or None: decode in-process
         self.policy_version = -1     # the step whose weights the actors hold
         self.last_sync_s = 0.0
@@ -83,6 +92,9 @@ class PolicyTrainer:
         self._raw_model = model
         self.model = model
         self._wrap_model = wrap_model
+        self._wrapped = False
+        # ZeRO-3 partitions the engine's weights: a plain full copy serves decoding, scoring and saving
+        self._full_model, self._full_step = None, -1
 
     def trainable_model(self, model):
         """What the optimizer and DDP see; PPO adds a value head around the language model."""
@@ -90,16 +102,40 @@ class PolicyTrainer:
 
     def language_model(self):
         """The causal LM alone (what generates, what is scored and saved)."""
+        if self._full_model is not None:
+            if self._full_step != self.step:
+                raise RuntimeError("under ZeRO-3 call gather_weights() on every rank before using the full model")
+            return self._full_model
         return unwrap(self.model)
+
+    def gather_weights(self) -> None:
+        """Refresh the full copy of ZeRO-3's partitioned weights: a collective, so every rank calls it
+        (at the same step); a no-op for DDP and ZeRO-1/2, whose modules hold the full weights."""
+        if self._full_model is not None and self._full_step != self.step:
+            self.strategy.copy_full_weights(self.model, self._full_model)
+            self._full_step = self.step
 
     @property
     def skipped_rows(self) -> int:
         return len(self.data.skipped) + len(self.skipped_tokenized)
 
+    def _distribute(self) -> None:
+        if self._wrapped:
+            return
+        self._wrapped = True
+        if self.strategy is None:
+            if self._wrap_model is not None:
+                self.model = self._wrap_model(self._raw_model)
+            return
+        if self.strategy.partitions_parameters:  # copied before the engine partitions the module in place
+            self._full_model = copy.deepcopy(self._raw_model).eval().requires_grad_(False)
+        self.model = self.strategy.initialize(self._raw_model, self.optimizer, self.scheduler)
+        if self._full_model is not None:
+            self._full_model.to(self.model.device)
+
     def prepare(self) -> None:
         """Wrap for distribution (after any state was loaded) and move the reference alongside."""
-        if self._wrap_model is not None:
-            self.model = self._wrap_model(self._raw_model)
+        self._distribute()
         if self.reference_model is not None:
             self.reference_model.to(next(self.model.parameters()).device)
         if self.pool is not None:
@@ -109,6 +145,7 @@ class PolicyTrainer:
         """Rank 0 pushes the LM's weights to the rollout actors as version = step; every rank waits."""
         if self.pool is None or self.policy_version == self.step:
             return
+        self.gather_weights()
         if self.rank == 0:
             self.last_sync_s = self.pool.sync_weights(self.language_model().state_dict(), self.step)
         if _distributed():
@@ -119,6 +156,8 @@ class PolicyTrainer:
         """One optimizer step over grad_accum_steps micro-batches; metrics averaged over ranks."""
         config, started = self.config, time.perf_counter()
         self.model.train()
+        if self.strategy is not None:
+            return self._engine_step(started)
         summed: dict[str, float] = {}
         for micro in range(config.grad_accum_steps):
             last_micro = micro == config.grad_accum_steps - 1
@@ -143,6 +182,26 @@ class PolicyTrainer:
         metrics["train/step_time_s"] = time.perf_counter() - started
         return metrics
 
+    def _engine_step(self, started: float) -> dict[str, float]:
+        """train_step under DeepSpeed: the same losses and metrics; the engine accumulates and clips."""
+        config = self.config
+        summed: dict[str, float] = {"train/lr": self.scheduler.get_last_lr()[0]}
+        for micro in range(config.grad_accum_steps):
+            indices = self.batches.batch(self.step * config.grad_accum_steps + micro)
+            loss, metrics = compute_loss(config, self.model, [self.pairs[i] for i in indices], self.tokenizer.pad_token_id,
+                                         self.reference_model, self._reference_for(indices))
+            self.strategy.backward_and_step(self.model, loss)
+            for key, value in metrics.items():
+                summed[key] = summed.get(key, 0.0) + value / config.grad_accum_steps
+        norm = self.strategy.grad_norm(self.model)
+        if config.max_grad_norm > 0 and norm is not None:
+            summed["train/grad_norm"] = norm
+        self.step += 1
+        metrics = mean_across_ranks(summed)
+        metrics["train/epoch"] = self.batches.epoch_of(self.step * config.grad_accum_steps)
+        metrics["train/step_time_s"] = time.perf_counter() - started
+        return metrics
+
     def _reference_for(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.reference_logps is None:
             return None
@@ -150,6 +209,7 @@ class PolicyTrainer:
 
     def evaluate(self) -> tuple[dict[str, float], list[dict]]:
         """Score this rank's probe prompts, gather all ranks, summarise per category."""
+        self.gather_weights()  # ZeRO-3: ranks decode different prompts, so no collectives may run inside
         records = evaluate_probes(self.language_model(), self.tokenizer, self.probes, self.probe_prompts,
                                   greedy_max_tokens=self.config.greedy_max_tokens,
                                   sample_seed=self.config.seed * 1_000_003 + self.step,
@@ -175,6 +235,8 @@ class PolicyTrainer:
         return {"greedy": (greedy.token_ids, greedy.texts), "sample": (sample.token_ids, sample.texts)}
 
     def state_dict(self) -> dict:
+        if self.strategy is not None:
+            raise RuntimeError("under DeepSpeed every rank holds a shard of the state: use save_checkpoint(directory)")
         return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step}
 
@@ -183,6 +245,27 @@ class PolicyTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
+
+    @property
+    def checkpoint_on_every_rank(self) -> bool:
+        """DeepSpeed: every rank writes its own shard; DDP: rank 0 writes everything."""
+        return self.strategy is not None
+
+    def save_checkpoint(self, directory: str | Path) -> None:
+        """Write resumable state into `directory`; a collective under DeepSpeed (see checkpoint_on_every_rank)."""
+        if self.strategy is None:
+            torch.save(self.state_dict(), Path(directory) / STATE_FILE)
+        else:
+            self.strategy.save_checkpoint(self.model, directory, {"step": self.step})
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        """Restore what save_checkpoint wrote (every rank reads the merged folder). DeepSpeed needs its
+        engine for this, so it is built here rather than in prepare()."""
+        if self.strategy is None:
+            self.load_state_dict(torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False))
+            return
+        self._distribute()
+        self.step = self.strategy.load_checkpoint(self.model, directory)["step"]
 
     def save_pretrained(self, directory: str) -> None:
         """Hugging Face format, so anyone can re-score the last evaluation with plain transformers."""
