@@ -2,9 +2,10 @@
 
 It adds what only Ray knows: rank, DDP wrapping (`prepare_model`), resuming from the last
 reported checkpoint, and `ray.train.report` calls (every worker reports; only rank 0
-carries metrics, per-example probe records and the checkpoint). A report costs a round trip to the
-Train controller, so per-step metrics are buffered and shipped together every `report_every` steps
-(and at every evaluation and checkpoint); MLflow still gets one point per step.
+carries metrics, per-example probe records and the DDP checkpoint; under DeepSpeed every rank
+reports its own shard, and Ray Train puts them all in one checkpoint folder). A report costs a
+round trip to the Train controller, so per-step metrics are buffered and shipped together every
+`report_every` steps (and at every evaluation and checkpoint); MLflow still gets one point per step.
 """
 from __future__ import annotations
 
@@ -18,11 +19,10 @@ import torch
 
 from trainers import storage
 from trainers.config import TrainConfig
-from trainers.policy_trainer import PolicyTrainer
+from trainers.policy_trainer import STATE_FILE, PolicyTrainer  # noqa: F401  (STATE_FILE: the DDP checkpoint's file)
 
 FAULT_STEP_ENV, FAULT_MARKER_ENV = "PROBESWEEP_FAULT_AT_STEP", "PROBESWEEP_FAULT_MARKER_DIR"
 PRIVATE_PREFIX = "_"   # report keys that go to MLflow artifacts/tags, not to Tune as metrics
-STATE_FILE = "train_state.pt"
 
 
 def _inject_fault_once(step: int, run_name: str) -> None:
@@ -57,6 +57,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank = context.get_world_rank()
     if not config.use_gpu:
         torch.set_num_threads(1)  # several workers share a few cores; more threads only contend
+    elif config.strategy == "deepspeed":  # no prepare_model: DeepSpeed takes the current device
+        torch.cuda.set_device(ray.train.torch.get_device())
     if config.loss == "ppo":  # rollouts from the trial's actor pool, handed over in the loop config
         from trainers.ppo_trainer import PPOTrainer
 
@@ -68,7 +70,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            trainer.load_state_dict(torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False))
+            trainer.load_checkpoint(directory)  # DDP: rank 0's full state; DeepSpeed: each rank its shard
     resumed_from = trainer.step if checkpoint is not None else None
     trainer.prepare()
     nodes = worker_nodes()  # every rank takes part; rank 0's first report carries them
@@ -80,6 +82,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         payload: dict = {"step": trainer.step}
         if rank == 0 and nodes:
             payload[PRIVATE_PREFIX + "nodes"], nodes = nodes, None
+        if final and final_model_dir:
+            trainer.gather_weights()  # ZeRO-3: a collective, so every rank, before rank 0 saves
         if rank == 0:
             payload.update(pending[-1] if pending else {})
             payload[PRIVATE_PREFIX + "history"] = list(pending)
@@ -94,9 +98,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     trainer.save_pretrained(directory)
                 payload[PRIVATE_PREFIX + "final_model_dir"] = str(final_model_dir)
         pending.clear()
-        if save and rank == 0:
+        if save and (rank == 0 or trainer.checkpoint_on_every_rank):
             with tempfile.TemporaryDirectory() as directory:
-                torch.save(trainer.state_dict(), Path(directory) / STATE_FILE)
+                trainer.save_checkpoint(directory)
                 ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(payload)
