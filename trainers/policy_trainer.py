@@ -164,9 +164,7 @@ class PolicyTrainer:
             # skip DDP's gradient all-reduce until the last micro-batch of the step
             sync = contextlib.nullcontext() if last_micro or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
-                indices = self.batches.batch(self.step * config.grad_accum_steps + micro)
-                loss, metrics = compute_loss(config, self.model, [self.pairs[i] for i in indices], self.tokenizer.pad_token_id,
-                                             self.reference_model, self._reference_for(indices))
+                loss, metrics = self._micro_batch_loss(micro)
                 (loss / config.grad_accum_steps).backward()
             for key, value in metrics.items():
                 summed[key] = summed.get(key, 0.0) + value / config.grad_accum_steps
@@ -176,9 +174,19 @@ class PolicyTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return self._finish_step(summed, started)
+
+    def _micro_batch_loss(self, micro: int):
+        """Loss and metrics of micro-batch `micro` of the current step (both strategies)."""
+        indices = self.batches.batch(self.step * self.config.grad_accum_steps + micro)
+        return compute_loss(self.config, self.model, [self.pairs[i] for i in indices], self.tokenizer.pad_token_id,
+                            self.reference_model, self._reference_for(indices))
+
+    def _finish_step(self, summed: dict[str, float], started: float) -> dict[str, float]:
+        """Count the step; its metrics averaged over ranks, with epoch and wall time."""
         self.step += 1
         metrics = mean_across_ranks(summed)
-        metrics["train/epoch"] = self.batches.epoch_of(self.step * config.grad_accum_steps)
+        metrics["train/epoch"] = self.batches.epoch_of(self.step * self.config.grad_accum_steps)
         metrics["train/step_time_s"] = time.perf_counter() - started
         return metrics
 
@@ -187,20 +195,14 @@ class PolicyTrainer:
         config = self.config
         summed: dict[str, float] = {"train/lr": self.scheduler.get_last_lr()[0]}
         for micro in range(config.grad_accum_steps):
-            indices = self.batches.batch(self.step * config.grad_accum_steps + micro)
-            loss, metrics = compute_loss(config, self.model, [self.pairs[i] for i in indices], self.tokenizer.pad_token_id,
-                                         self.reference_model, self._reference_for(indices))
+            loss, metrics = self._micro_batch_loss(micro)
             self.strategy.backward_and_step(self.model, loss)
             for key, value in metrics.items():
                 summed[key] = summed.get(key, 0.0) + value / config.grad_accum_steps
         norm = self.strategy.grad_norm(self.model)
         if config.max_grad_norm > 0 and norm is not None:
             summed["train/grad_norm"] = norm
-        self.step += 1
-        metrics = mean_across_ranks(summed)
-        metrics["train/epoch"] = self.batches.epoch_of(self.step * config.grad_accum_steps)
-        metrics["train/step_time_s"] = time.perf_counter() - started
-        return metrics
+        return self._finish_step(summed, started)
 
     def _reference_for(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.reference_logps is None:
