@@ -52,7 +52,7 @@ import torch  # noqa: E402
 
 import sweeps.driver as driver  # noqa: E402
 from sweeps.config import SweepConfig  # noqa: E402
-from sweeps.tracking import Tracker, default_tracking_uri  # noqa: E402
+from infra.tracking import Tracker, default_tracking_uri  # noqa: E402
 from trainers.config import TrainConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dpo_sweep.json"
@@ -198,7 +198,7 @@ def trial_breakdown(outcome, stage_s: float) -> dict:
 
 def run_plain(config: SweepConfig, sft_dir: str, reference_dir: str, probe_dir: str, threads: int) -> dict:
     """The sweep's trials one after another in this process: PolicyTrainer with world size 1."""
-    from trainers.policy_trainer import PolicyTrainer
+    from trainers.runs.policy_trainer import PolicyTrainer
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -237,9 +237,9 @@ def run_plain(config: SweepConfig, sft_dir: str, reference_dir: str, probe_dir: 
 def reference_logps_in_process(config: SweepConfig, sft_dir: str, shared_dir: str, threads: int) -> dict:
     """The shared reference computation timed by itself, and how much a batch's padding moves the numbers:
     per-trial references score each step's micro-batch, the shared pass batches of 2 x micro batch."""
-    from trainers.collate import load_training_pairs
-    from trainers.models import load_model_and_tokenizer
-    from trainers.reference_logps import (
+    from trainers.data.collate import load_training_pairs
+    from trainers.model.factory import load_model_and_tokenizer
+    from trainers.runs.reference_logps import (
         ReferenceLogps,
         compute_reference_logps,
         reference_key,

@@ -32,9 +32,9 @@ import torch  # noqa: E402
 from rollout.actors import RolloutConfig, RolloutPool  # noqa: E402
 from rollout.hf_engine import HFEngine  # noqa: E402
 from rollout.interface import SamplingParams  # noqa: E402
-from trainers.collate import encode_prompt  # noqa: E402
-from trainers.data import load_preference_data  # noqa: E402
-from trainers.models import count_parameters, load_model_and_tokenizer  # noqa: E402
+from trainers.data.collate import encode_prompt  # noqa: E402
+from trainers.data.pairs import load_preference_data  # noqa: E402
+from trainers.model.factory import count_parameters, load_model_and_tokenizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rollout.json"
 

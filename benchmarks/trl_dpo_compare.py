@@ -51,7 +51,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from trainers.collate import (  # noqa: E402
+from trainers.data.collate import (  # noqa: E402
     TokenizedPair,
     collate_preference_batch,
     encode_prompt,
@@ -59,10 +59,10 @@ from trainers.collate import (  # noqa: E402
     tokenize_pair,
 )
 from trainers.config import TrainConfig  # noqa: E402
-from trainers.logprobs import IGNORE_INDEX  # noqa: E402
-from trainers.models import load_model_and_tokenizer  # noqa: E402
-from trainers.objectives import compute_loss, forward_logps  # noqa: E402
-from trainers.synthetic import builtin_pairs  # noqa: E402
+from trainers.model.logprobs import IGNORE_INDEX  # noqa: E402
+from trainers.model.factory import load_model_and_tokenizer  # noqa: E402
+from trainers.model.objectives import compute_loss, forward_logps  # noqa: E402
+from trainers.data.builtin import builtin_pairs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "trl_dpo_compare.json"
 LOSS_TOLERANCE, LOGP_TOLERANCE = 1e-5, 1e-4

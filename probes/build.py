@@ -196,7 +196,7 @@ def _check_output(directory: Path, content_hash: str, overwrite: bool) -> None:
 
 def build(config: BuildConfig, environ: Mapping[str, str] | None = None) -> BuildResult:
     """Build, validate and save the probe set described by `config` (see the module docstring)."""
-    from trainers.data import load_preference_data
+    from trainers.data.pairs import load_preference_data
 
     api_key, key_variable = api_key_from_env(environ)
     mode = config.generator
@@ -214,7 +214,7 @@ def build(config: BuildConfig, environ: Mapping[str, str] | None = None) -> Buil
     requests = derived_requests(picked)
     lead = _response_lead(picked)
     if mode == "local" and config.dataset != "builtin":
-        from trainers.models import TINY_PYTHIA_SIZES
+        from trainers.model.factory import TINY_PYTHIA_SIZES
 
         if config.local_model in TINY_PYTHIA_SIZES:
             print(f"warning: {config.local_model} is a randomly initialised built-in model, so its paraphrases "
@@ -293,7 +293,7 @@ def build(config: BuildConfig, environ: Mapping[str, str] | None = None) -> Buil
 
 def log_build(config: BuildConfig, result: BuildResult) -> str:
     """One MLflow run per build: the config as params, hash and generators as tags, the files as artifacts."""
-    from sweeps.tracking import Tracker
+    from infra.tracking import Tracker
 
     tracker = Tracker(config.tracking_uri)
     experiment_id = tracker.experiment_id(config.experiment_name)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from probes.builtin_generators import RuleBasedGenerator, paraphrase
+from probes.builtin_generators import RuleBasedGenerator
+from trainers.data.paraphrase import paraphrase
 from probes.templates import ProbeRequest
 from probes.writing import BuildProgress, OnReply, Reply
 
@@ -97,7 +98,7 @@ class LocalLMReplies:
 
     def _load(self):
         if self._model is None:
-            from trainers.models import load_model_and_tokenizer
+            from trainers.model.factory import load_model_and_tokenizer
 
             self._model, self._tokenizer = load_model_and_tokenizer(self.model_name, seed=self.seed)
         return self._model, self._tokenizer

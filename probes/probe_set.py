@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Protocol, Sequence
 
-from trainers.data import PreferencePair
+from trainers.data.schema import PreferencePair
 
 STATIC_CATEGORIES = ("chosen", "rejected", "paraphrase_chosen", "paraphrase_rejected", "variant", "random", "nonresponse")
 DYNAMIC_CATEGORIES = ("greedy", "sample")  # made by the current policy at each evaluation; not stored

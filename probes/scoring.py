@@ -8,7 +8,7 @@ Three ways to the same numbers, on token ids:
 * `score_per_category`: one forward over [prompt + response_k] per category (the seed study's way).
 * `score_concatenated`: all B*K [prompt + response_k] rows in one padded forward (TRL / reference DPO).
 The latter two are baselines for tests and `benchmarks/probe_scoring.py`. All gather through
-`trainers.logprobs`, so the numbers agree to rounding.
+`trainers.model.logprobs`, so the numbers agree to rounding.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trainers.logprobs import IGNORE_INDEX, aligned_sequence_logps, sequence_logps
+from trainers.model.logprobs import IGNORE_INDEX, aligned_sequence_logps, sequence_logps
 
 TokenRows = Sequence[Sequence[int]]
 

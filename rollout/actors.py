@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import ray
 
 from rollout.interface import RolloutBatch, SamplingParams
-from trainers import storage
+from infra import storage
 
 
 class RolloutError(RuntimeError):

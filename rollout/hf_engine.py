@@ -78,7 +78,7 @@ class HFEngine:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, seed: int = 0, device: str | None = None, **kwargs) -> "HFEngine":
-        from trainers.models import load_model_and_tokenizer
+        from trainers.model.factory import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(name_or_path, seed=seed)
         return cls(model, tokenizer, device=device, **kwargs)
@@ -121,8 +121,8 @@ class HFEngine:
         self.version = version
 
     def score(self, prompt_ids, response_ids) -> list[list[float]]:
-        from trainers.collate import collate_sequences
-        from trainers.logprobs import response_token_logps
+        from trainers.data.collate import collate_sequences
+        from trainers.model.logprobs import response_token_logps
 
         batch = collate_sequences(prompt_ids, response_ids, self.tokenizer.pad_token_id)
         device = next(self.model.parameters()).device

@@ -22,11 +22,11 @@ from sweeps.config import SweepConfig
 from sweeps.search import search_space, searched_values, warmup_key
 from sweeps.stages import run_stage, shared_reference_logps, shared_sft_warmups
 from sweeps.summary import CATEGORIES, print_outcome, summarize_sweep  # noqa: F401  (print_outcome: entry points)
-from sweeps.tracking import Tracker, configure_quiet_logging, default_tracking_uri
-from trainers import storage as store
+from infra.tracking import Tracker, configure_quiet_logging, default_tracking_uri
+from infra import storage as store
 from trainers.config import TrainConfig
-from trainers.data import load_preference_data
-from trainers.models import load_tokenizer
+from trainers.data.pairs import load_preference_data
+from trainers.model.factory import load_tokenizer
 
 STATE_FILE = "sweep_state.json"
 # set on the driver, needed by every node to reach the same object store (no secrets: credentials stay with each node)

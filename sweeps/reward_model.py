@@ -18,9 +18,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sweeps.config import _add_fields, resolve_storage_path  # noqa: E402
-from sweeps.tracking import Tracker, configure_quiet_logging, default_tracking_uri, mlflow_ui_command  # noqa: E402
-from trainers import storage as store  # noqa: E402
-from trainers.reward_model import RewardModelConfig  # noqa: E402
+from infra.tracking import Tracker, configure_quiet_logging, default_tracking_uri, mlflow_ui_command  # noqa: E402
+from infra import storage as store  # noqa: E402
+from trainers.runs.reward_training import RewardModelConfig  # noqa: E402
 
 
 @dataclass
@@ -41,7 +41,7 @@ def reward_trial(trial_config: dict) -> None:
     import torch
     from ray import tune
 
-    from trainers.reward_model import train_reward_model
+    from trainers.runs.reward_training import train_reward_model
 
     torch.set_num_threads(1)
     ctx = trial_config["context"]

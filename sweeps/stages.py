@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from sweeps.config import SweepConfig
 from sweeps.search import tune_settings, warmup_key
-from trainers import storage as store
+from infra import storage as store
 from trainers.config import TrainConfig
 
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node this resource (amount 1)
@@ -109,9 +109,9 @@ def _reference_logps_task(train: dict, directory: str) -> tuple[str, bool, float
     """Runs as a Ray task (with a worker's resources) so a GPU cluster computes it on a GPU."""
     import torch
 
-    from trainers.collate import load_training_pairs
-    from trainers.models import load_model_and_tokenizer
-    from trainers.reference_logps import load_or_compute_reference_logps
+    from trainers.data.collate import load_training_pairs
+    from trainers.model.factory import load_model_and_tokenizer
+    from trainers.runs.reference_logps import load_or_compute_reference_logps
 
     started = time.perf_counter()
     config = store.local_inputs(TrainConfig.from_dict(train), ["init_checkpoint"])  # a remote warm-up: this node's copy

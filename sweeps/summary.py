@@ -8,7 +8,7 @@ from __future__ import annotations
 from probes.plots import plot_category_curves, plot_sweep_comparison
 from probes.probe_set import DYNAMIC_CATEGORIES, STATIC_CATEGORIES
 from sweeps.search import SEARCHABLE
-from sweeps.tracking import Tracker, mlflow_ui_command
+from infra.tracking import Tracker, mlflow_ui_command
 
 CATEGORIES = list(STATIC_CATEGORIES) + list(DYNAMIC_CATEGORIES)
 

@@ -18,10 +18,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from probes.plots import plot_category_curves
 from sweeps.search import SEARCHABLE, TRAIN_FIELDS, warmup_key
-from sweeps.tracking import Tracker
-from trainers import storage as store
+from infra.tracking import Tracker
+from infra import storage as store
 from trainers.config import TrainConfig
-from trainers.train_loop import PRIVATE_PREFIX, train_loop_per_worker
+from trainers.runs.train_loop import PRIVATE_PREFIX, train_loop_per_worker
 
 
 def public_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ def builtin_probe_dir(tmp_path_factory):
     """A small probe set from the built-in test split, saved once for the session."""
     from probes.builtin_generators import RuleBasedGenerator
     from probes.probe_set import build_probe_set
-    from trainers.data import load_preference_data
+    from trainers.data.pairs import load_preference_data
 
     pairs = load_preference_data("builtin", "test").pairs
     probe_set = build_probe_set(pairs, RuleBasedGenerator(), n_prompts=8, seed=0, source="builtin:test")

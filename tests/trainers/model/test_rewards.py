@@ -1,0 +1,30 @@
+"""The built-in rule reward: hand-made cases and how well it separates the built-in pairs."""
+import pytest
+
+from trainers.data.pairs import load_preference_data
+from trainers.model.rewards import key_words, make_reward_fn, rule_reward
+
+PROMPT = "\n\nHuman: Hi!\n\nAssistant: Hello.\n\nHuman: How should I water my tomato plants in summer?\n\nAssistant:"
+
+
+def test_key_words_come_from_the_last_human_turn():
+    assert key_words(PROMPT) == {"water", "tomato", "plants", "summer"}
+
+
+@pytest.mark.parametrize("response, expected", [
+    (" Water the tomato plants deeply each summer morning.", 1.0),       # 4 of 4 key words
+    (" Give tomato roots a deep soak.", 0.25),                            # 1 of 4
+    (" I'm sorry, but I can't help with tomato questions.", 0.25 - 1.0),  # unhelpful stock phrase
+    (" Octopuses have three hearts.", 0.0),
+])
+def test_rule_reward_hand_cases(response, expected):
+    assert rule_reward(PROMPT, response) == pytest.approx(expected)
+
+
+def test_rule_reward_prefers_chosen_on_the_builtin_pairs():
+    pairs = load_preference_data("builtin", "train", max_rows=500).pairs
+    score = make_reward_fn("rule")
+    chosen = score([p.prompt for p in pairs], [p.chosen for p in pairs])
+    rejected = score([p.prompt for p in pairs], [p.rejected for p in pairs])
+    accuracy = (chosen > rejected).float().mean().item()
+    assert accuracy > 0.95, accuracy

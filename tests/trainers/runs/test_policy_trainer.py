@@ -1,0 +1,103 @@
+"""The training run without Ray: reproducibility, learning signal, evaluation records."""
+import math
+
+import pytest
+import torch
+
+from trainers.config import TrainConfig
+from trainers.runs.policy_trainer import PolicyTrainer
+
+
+def _config(probe_dir, **overrides):
+    values = dict(model="tiny-pythia-1m", max_train_pairs=64, micro_batch_size=4, max_steps=3, eval_every=3,
+                  num_probe_prompts=4, greedy_max_tokens=8, probe_set_dir=probe_dir, loss="dpo", beta=0.1, lr=1e-3,
+                  warmup_steps=1, num_workers=1)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _run(config):
+    torch.set_num_threads(1)
+    trainer = PolicyTrainer(config)
+    trainer.prepare()
+    history = [trainer.train_step() for _ in range(config.max_steps)]
+    summary, records = trainer.evaluate()
+    return trainer, history, summary, records
+
+
+def test_same_seed_same_curves_other_seed_differs(builtin_probe_dir):
+    _, first, first_eval, _ = _run(_config(builtin_probe_dir, seed=0))
+    _, second, second_eval, _ = _run(_config(builtin_probe_dir, seed=0))
+    _, third, _, _ = _run(_config(builtin_probe_dir, seed=1))
+    for a, b in zip(first, second):
+        for key in ("train/loss", "dpo/reward_margin", "dpo/logp_chosen"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6)
+    for key, value in first_eval.items():
+        assert value == pytest.approx(second_eval[key], abs=1e-5), key
+    assert abs(first[-1]["train/loss"] - third[-1]["train/loss"]) > 1e-6
+
+
+def test_dpo_starts_at_log2_and_every_parameter_moves(builtin_probe_dir):
+    trainer, history, summary, records = _run(_config(builtin_probe_dir))
+    # policy == reference at the first step, so the sigmoid DPO loss is exactly log 2
+    assert history[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    reference = dict(trainer.reference_model.named_parameters())
+    for name, parameter in trainer.model.named_parameters():
+        assert not torch.equal(parameter, reference[name]), f"{name} did not change"
+    categories = {r["category"] for r in records}
+    assert categories == {"chosen", "rejected", "paraphrase_chosen", "paraphrase_rejected", "variant", "random",
+                          "nonresponse", "greedy", "sample"}
+    assert len(records) == 4 * len(categories)
+    assert all(r["num_tokens"] > 0 and r["logp_sum"] < 0 for r in records)
+    assert set(summary) == {f"{p}/{c}" for p in ("logp", "logp_tok") for c in categories}
+
+
+def test_sft_lowers_its_loss(builtin_probe_dir):
+    trainer, history, _, _ = _run(_config(builtin_probe_dir, loss="sft", max_steps=6, lr=3e-3))
+    assert trainer.reference_model is None
+    assert history[-1]["train/loss"] < history[0]["train/loss"]
+
+
+def test_grad_accumulation_equals_the_whole_batch(builtin_probe_dir):
+    # DPO's loss is a per-pair mean, so 2 micro-batches of 2 must give the step of 1 batch of 4 (same pairs)
+    _, whole, _, _ = _run(_config(builtin_probe_dir, max_steps=2, micro_batch_size=4, grad_accum_steps=1))
+    _, split, _, _ = _run(_config(builtin_probe_dir, max_steps=2, micro_batch_size=2, grad_accum_steps=2))
+    for key in ("train/loss", "train/grad_norm", "dpo/reward_margin"):
+        assert whole[1][key] == pytest.approx(split[1][key], rel=1e-4, abs=1e-7), key
+
+
+def _shared_reference(config, directory):
+    from trainers.data.collate import load_training_pairs
+    from trainers.model.factory import load_model_and_tokenizer
+    from trainers.runs.reference_logps import load_or_compute_reference_logps
+
+    model, tokenizer = load_model_and_tokenizer(config.model, seed=config.seed)
+    _, pairs, _ = load_training_pairs(config, tokenizer)
+    return load_or_compute_reference_logps(model, pairs, tokenizer.pad_token_id, directory, batch_size=5)
+
+
+def test_shared_reference_logps_give_the_same_run(builtin_probe_dir, tmp_path):
+    config = _config(builtin_probe_dir, max_steps=3)
+    _, per_step, per_step_eval, _ = _run(config)
+    logps, path, computed = _shared_reference(config, tmp_path)
+    assert computed and path.exists() and len(logps.chosen) == 64
+    assert _shared_reference(config, tmp_path)[2] is False  # the second request loads the file
+    trainer, shared, shared_eval, _ = _run(_config(builtin_probe_dir, max_steps=3, reference_logps_dir=str(tmp_path)))
+    assert trainer.reference_model is None  # no second model in memory
+    for a, b in zip(per_step, shared):
+        for key in ("train/loss", "dpo/reward_margin", "dpo/reward_accuracy", "dpo/logp_chosen", "train/grad_norm"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    for key, value in per_step_eval.items():
+        assert value == pytest.approx(shared_eval[key], abs=1e-4), key
+
+
+def test_shared_reference_logps_refuse_other_data(builtin_probe_dir, tmp_path):
+    from trainers.runs.reference_logps import ReferenceLogps
+
+    _shared_reference(_config(builtin_probe_dir, max_train_pairs=64), tmp_path)
+    # a different data slice gives a different key: no file for it, a clear error
+    with pytest.raises(FileNotFoundError):
+        _run(_config(builtin_probe_dir, max_train_pairs=32, reference_logps_dir=str(tmp_path)))
+    stored = next(tmp_path.glob("reference-logps-*.npz"))
+    with pytest.raises(ValueError, match="computed for key"):
+        ReferenceLogps.load(stored, "another-key", 64)

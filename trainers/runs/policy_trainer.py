@@ -1,0 +1,275 @@
+"""A plain training run of one policy: set-up, optimizer steps, probe evaluation, state.
+
+No Ray in here. With torch.distributed initialised (as Ray Train does) it shards data and probe
+prompts by rank and averages metrics across ranks; without it, it runs in one process, which is
+how the tests check reproducibility and how a notebook would use it. With `strategy='deepspeed'`
+a DeepSpeed ZeRO engine (trainers.runs.deepspeed_strategy) takes DDP's place.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from probes.probe_set import ProbeSet
+from trainers.data.batches import ShardedBatches
+from trainers.data.collate import load_training_pairs
+from trainers.config import TrainConfig
+from trainers.runs.evaluation import evaluate_probes, summarize_records, tokenize_probe_set
+from trainers.model.factory import load_model_and_tokenizer
+from trainers.model.objectives import compute_loss
+from trainers.runs.reference_logps import ReferenceLogps, reference_key, reference_logps_path
+
+STATE_FILE = "train_state.pt"   # the DDP checkpoint: rank 0's full state in one file
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    if not _distributed():
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    tensor /= dist.get_world_size()
+    return dict(zip(keys, tensor.tolist()))
+
+
+def gather_records(records: list[dict]) -> list[dict]:
+    """Every rank's probe records, on every rank (all categories of all shards)."""
+    if _distributed():
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, records)
+        records = [r for part in gathered for r in part]
+    return sorted(records, key=lambda r: (r["prompt_id"], r["category"]))
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+class PolicyTrainer:
+    """Holds model, reference, optimizer and data of one run; `wrap_model` lets Ray add DDP."""
+
+    def __init__(self, config: TrainConfig, rank: int = 0, world_size: int = 1, wrap_model=None, pool=None):
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.strategy = None  # DeepSpeed ZeRO in place of DDP (`wrap_model` is then unused)
+        if config.strategy == "deepspeed":
+            from trainers.runs.deepspeed_strategy import ZeroStrategy
+
+            self.strategy = ZeroStrategy(config)
+        self.pool = pool             # rollout actors (rollout.actors.RolloutPool), or None: decode in-process
+        self.policy_version = -1     # the step whose weights the actors hold
+        self.last_sync_s = 0.0
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        torch.manual_seed(config.seed)
+        model, self.tokenizer = load_model_and_tokenizer(config.init_checkpoint or config.model, seed=config.seed)
+        self.data, self.pairs, self.skipped_tokenized = load_training_pairs(config, self.tokenizer)
+        # the frozen start point of a preference objective: shared precomputed log-probs, or a model copy
+        self.reference_model, self.reference_logps = None, None
+        if config.loss != "sft" and config.reference_logps_dir:
+            key = reference_key(model, self.pairs)
+            self.reference_logps = ReferenceLogps.load(reference_logps_path(config.reference_logps_dir, key), key, len(self.pairs))
+        elif config.loss != "sft":
+            self.reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.batches = ShardedBatches(range(len(self.pairs)), config.micro_batch_size, rank, world_size, config.seed)
+        probe_set = ProbeSet.load(config.probe_set_dir)
+        self.probes = tokenize_probe_set(probe_set, self.tokenizer, config.max_prompt_tokens, config.max_response_tokens)
+        self.probe_prompts = [i for i in probe_set.shard(rank, world_size) if i < config.num_probe_prompts]
+
+        model = self.trainable_model(model)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        warmup = max(1, config.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.step = 0
+        self._raw_model = model
+        self.model = model
+        self._wrap_model = wrap_model
+        self._wrapped = False
+        # ZeRO-3 partitions the engine's weights: a plain full copy serves decoding, scoring and saving
+        self._full_model, self._full_step = None, -1
+
+    def trainable_model(self, model):
+        """What the optimizer and DDP see; PPO adds a value head around the language model."""
+        return model
+
+    def language_model(self):
+        """The causal LM alone (what generates, what is scored and saved)."""
+        if self._full_model is not None:
+            if self._full_step != self.step:
+                raise RuntimeError("under ZeRO-3 call gather_weights() on every rank before using the full model")
+            return self._full_model
+        return unwrap(self.model)
+
+    def gather_weights(self) -> None:
+        """Refresh the full copy of ZeRO-3's partitioned weights: a collective, so every rank calls it
+        (at the same step); a no-op for DDP and ZeRO-1/2, whose modules hold the full weights."""
+        if self._full_model is not None and self._full_step != self.step:
+            self.strategy.copy_full_weights(self.model, self._full_model)
+            self._full_step = self.step
+
+    @property
+    def skipped_rows(self) -> int:
+        return len(self.data.skipped) + len(self.skipped_tokenized)
+
+    def _distribute(self) -> None:
+        if self._wrapped:
+            return
+        self._wrapped = True
+        if self.strategy is None:
+            if self._wrap_model is not None:
+                self.model = self._wrap_model(self._raw_model)
+            return
+        if self.strategy.partitions_parameters:  # copied before the engine partitions the module in place
+            self._full_model = copy.deepcopy(self._raw_model).eval().requires_grad_(False)
+        self.model = self.strategy.initialize(self._raw_model, self.optimizer, self.scheduler)
+        if self._full_model is not None:
+            self._full_model.to(self.model.device)
+
+    def prepare(self) -> None:
+        """Wrap for distribution (after any state was loaded) and move the reference alongside."""
+        self._distribute()
+        if self.reference_model is not None:
+            self.reference_model.to(next(self.model.parameters()).device)
+        if self.pool is not None:
+            self.sync_weights()  # the actors start from exactly this policy (fresh or restored)
+
+    def sync_weights(self) -> None:
+        """Rank 0 pushes the LM's weights to the rollout actors as version = step; every rank waits."""
+        if self.pool is None or self.policy_version == self.step:
+            return
+        self.gather_weights()
+        if self.rank == 0:
+            self.last_sync_s = self.pool.sync_weights(self.language_model().state_dict(), self.step)
+        if _distributed():
+            dist.barrier()
+        self.policy_version = self.step
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over grad_accum_steps micro-batches; metrics averaged over ranks."""
+        config, started = self.config, time.perf_counter()
+        self.model.train()
+        if self.strategy is not None:
+            return self._engine_step(started)
+        summed: dict[str, float] = {}
+        for micro in range(config.grad_accum_steps):
+            last_micro = micro == config.grad_accum_steps - 1
+            # skip DDP's gradient all-reduce until the last micro-batch of the step
+            sync = contextlib.nullcontext() if last_micro or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                loss, metrics = self._micro_batch_loss(micro)
+                (loss / config.grad_accum_steps).backward()
+            for key, value in metrics.items():
+                summed[key] = summed.get(key, 0.0) + value / config.grad_accum_steps
+        if config.max_grad_norm > 0:
+            summed["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm))
+        summed["train/lr"] = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._finish_step(summed, started)
+
+    def _micro_batch_loss(self, micro: int):
+        """Loss and metrics of micro-batch `micro` of the current step (both strategies)."""
+        indices = self.batches.batch(self.step * self.config.grad_accum_steps + micro)
+        return compute_loss(self.config, self.model, [self.pairs[i] for i in indices], self.tokenizer.pad_token_id,
+                            self.reference_model, self._reference_for(indices))
+
+    def _finish_step(self, summed: dict[str, float], started: float) -> dict[str, float]:
+        """Count the step; its metrics averaged over ranks, with epoch and wall time."""
+        self.step += 1
+        metrics = mean_across_ranks(summed)
+        metrics["train/epoch"] = self.batches.epoch_of(self.step * self.config.grad_accum_steps)
+        metrics["train/step_time_s"] = time.perf_counter() - started
+        return metrics
+
+    def _engine_step(self, started: float) -> dict[str, float]:
+        """train_step under DeepSpeed: the same losses and metrics; the engine accumulates and clips."""
+        config = self.config
+        summed: dict[str, float] = {"train/lr": self.scheduler.get_last_lr()[0]}
+        for micro in range(config.grad_accum_steps):
+            loss, metrics = self._micro_batch_loss(micro)
+            self.strategy.backward_and_step(self.model, loss)
+            for key, value in metrics.items():
+                summed[key] = summed.get(key, 0.0) + value / config.grad_accum_steps
+        norm = self.strategy.grad_norm(self.model)
+        if config.max_grad_norm > 0 and norm is not None:
+            summed["train/grad_norm"] = norm
+        return self._finish_step(summed, started)
+
+    def _reference_for(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.reference_logps is None:
+            return None
+        return torch.from_numpy(self.reference_logps.chosen[indices]), torch.from_numpy(self.reference_logps.rejected[indices])
+
+    def evaluate(self) -> tuple[dict[str, float], list[dict]]:
+        """Score this rank's probe prompts, gather all ranks, summarise per category."""
+        self.gather_weights()  # ZeRO-3: ranks decode different prompts, so no collectives may run inside
+        records = evaluate_probes(self.language_model(), self.tokenizer, self.probes, self.probe_prompts,
+                                  greedy_max_tokens=self.config.greedy_max_tokens,
+                                  sample_seed=self.config.seed * 1_000_003 + self.step,
+                                  prompts_per_batch=self.config.probe_batch_prompts, decodes=self.policy_decodes())
+        records = gather_records(records)
+        return summarize_records(records), records
+
+    def policy_decodes(self):
+        """greedy and sample of this rank's probe prompts from the rollout actors (synced to this step
+        first); None without actors: the evaluation decodes them in-process."""
+        if self.pool is None:
+            return None
+        self.sync_weights()
+        if not self.probe_prompts:
+            return {}
+        from rollout.interface import SamplingParams
+
+        prompts = [self.probes.prompt_ids[i] for i in self.probe_prompts]
+        limit = self.config.greedy_max_tokens
+        greedy = self.pool.generate(prompts, SamplingParams(max_new_tokens=limit, temperature=0))
+        sample = self.pool.generate(prompts, SamplingParams(max_new_tokens=limit, temperature=1.0,
+                                                            seed=self.config.seed * 1_000_003 + self.step))
+        return {"greedy": (greedy.token_ids, greedy.texts), "sample": (sample.token_ids, sample.texts)}
+
+    def state_dict(self) -> dict:
+        if self.strategy is not None:
+            raise RuntimeError("under DeepSpeed every rank holds a shard of the state: use save_checkpoint(directory)")
+        return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+
+    @property
+    def checkpoint_on_every_rank(self) -> bool:
+        """DeepSpeed: every rank writes its own shard; DDP: rank 0 writes everything."""
+        return self.strategy is not None
+
+    def save_checkpoint(self, directory: str | Path) -> None:
+        """Write resumable state into `directory`; a collective under DeepSpeed (see checkpoint_on_every_rank)."""
+        if self.strategy is None:
+            torch.save(self.state_dict(), Path(directory) / STATE_FILE)
+        else:
+            self.strategy.save_checkpoint(self.model, directory, {"step": self.step})
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        """Restore what save_checkpoint wrote (every rank reads the merged folder). DeepSpeed needs its
+        engine for this, so it is built here rather than in prepare()."""
+        if self.strategy is None:
+            self.load_state_dict(torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False))
+            return
+        self._distribute()
+        self.step = self.strategy.load_checkpoint(self.model, directory)["step"]
+
+    def save_pretrained(self, directory: str) -> None:
+        """Hugging Face format, so anyone can re-score the last evaluation with plain transformers."""
+        self.language_model().save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)

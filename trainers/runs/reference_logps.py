@@ -1,0 +1,123 @@
+"""Reference-model log-probs of every training pair, computed once and shared by all trials.
+
+In DPO the reference model is frozen, so log π_ref(y|x) of each training pair is a constant of the
+sweep: every trial that starts from the same reference on the same tokenized data needs the same
+numbers. Computing them once (instead of one extra forward per step per trial) and storing them
+under a content key — a hash of the reference weights and of the token ids — lets every trial, and
+any later sweep with the same key, load them; a worker recomputes the key and refuses a file that
+does not match.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from infra import storage
+from trainers.data.collate import TokenizedPair, collate_preference_batch
+from trainers.model.logprobs import sequence_logps
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def pairs_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
+    digest = hashlib.sha256()
+    for pair in pairs:
+        for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+            digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+            digest.update(b"|")
+    return digest.hexdigest()
+
+
+def reference_key(model: torch.nn.Module, pairs: Sequence[TokenizedPair]) -> str:
+    return hashlib.sha256(f"{weights_fingerprint(model)}:{pairs_fingerprint(pairs)}".encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class ReferenceLogps:
+    key: str
+    chosen: np.ndarray     # [N] summed log π_ref(chosen | prompt), float64
+    rejected: np.ndarray   # [N]
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, staging = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+        os.close(handle)
+        np.savez(staging, key=np.asarray(self.key), chosen=self.chosen, rejected=self.rejected)
+        os.replace(staging, path)  # readers never see a half-written file
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, expected_key: str, expected_pairs: int) -> "ReferenceLogps":
+        """`path` may be a URI (remote storage): the file is read from this node's copy of it."""
+        if not storage.exists(path):
+            raise FileNotFoundError(f"{path}: no shared reference log-probs for this reference model and data "
+                                    f"(key {expected_key}); the sweep driver computes them, or unset reference_logps_dir")
+        try:
+            with np.load(storage.local_copy(path)) as data:
+                loaded = cls(str(data["key"]), data["chosen"].astype(np.float64), data["rejected"].astype(np.float64))
+        except (OSError, KeyError, ValueError) as error:
+            raise ValueError(f"{path}: unreadable reference log-prob file ({error})") from error
+        if loaded.key != expected_key:
+            raise ValueError(f"{path}: reference log-probs were computed for key {loaded.key}, but this model and "
+                             f"data give {expected_key} (different reference weights or tokenized data)")
+        if len(loaded.chosen) != expected_pairs or len(loaded.rejected) != expected_pairs:
+            raise ValueError(f"{path}: holds {len(loaded.chosen)} pairs, the training data has {expected_pairs}")
+        if not (np.isfinite(loaded.chosen).all() and np.isfinite(loaded.rejected).all()):
+            raise ValueError(f"{path}: contains non-finite log-probs")
+        return loaded
+
+
+@torch.no_grad()
+def compute_reference_logps(model, pairs: Sequence[TokenizedPair], pad_id: int, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Summed log-probs of chosen and rejected for every pair, in batches like the training forward."""
+    model.eval()
+    device = next(model.parameters()).device
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        batch = collate_preference_batch(chunk, pad_id)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        sums, _, _ = sequence_logps(logits, batch["labels"].to(device))
+        chosen.append(sums[: len(chunk)].double().cpu().numpy())
+        rejected.append(sums[len(chunk):].double().cpu().numpy())
+    return np.concatenate(chosen), np.concatenate(rejected)
+
+
+def reference_logps_path(directory: str | Path, key: str) -> Path | str:
+    """The file of `key` in `directory`: a Path, or a URI when the directory is one."""
+    if storage.is_uri(directory):
+        return storage.join(directory, f"reference-logps-{key}.npz")
+    return Path(directory) / f"reference-logps-{key}.npz"
+
+
+def load_or_compute_reference_logps(model, pairs: Sequence[TokenizedPair], pad_id: int, directory: str | Path,
+                                    batch_size: int = 16) -> tuple[ReferenceLogps, Path, bool]:
+    """(log-probs, their file, whether they were computed now) for this reference model and data.
+
+    `directory` may be a URI (remote storage): the file is then written locally and uploaded."""
+    key = reference_key(model, pairs)
+    path = reference_logps_path(directory, key)
+    if storage.exists(path):
+        return ReferenceLogps.load(path, key, len(pairs)), path, False
+    chosen, rejected = compute_reference_logps(model, pairs, pad_id, batch_size)
+    logps = ReferenceLogps(key, chosen, rejected)
+    if storage.is_uri(path):
+        with tempfile.TemporaryDirectory() as staging:
+            storage.upload_file(logps.save(Path(staging) / f"reference-logps-{key}.npz"), path)
+    else:
+        logps.save(path)
+    return logps, path, True

@@ -1,0 +1,126 @@
+"""The per-worker loop that Ray Train runs: a thin shell around `PolicyTrainer`.
+
+It adds what only Ray knows: rank, DDP wrapping (`prepare_model`), resuming from the last
+reported checkpoint, and `ray.train.report` calls (every worker reports; only rank 0
+carries metrics, per-example probe records and the DDP checkpoint; under DeepSpeed every rank
+reports its own shard, and Ray Train puts them all in one checkpoint folder). A report costs a
+round trip to the Train controller, so per-step metrics are buffered and shipped together every
+`report_every` steps (and at every evaluation and checkpoint); MLflow still gets one point per step.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+
+from infra import storage
+from trainers.config import TrainConfig
+from trainers.runs.policy_trainer import STATE_FILE, PolicyTrainer  # noqa: F401  (STATE_FILE: the DDP checkpoint's file)
+
+FAULT_STEP_ENV, FAULT_MARKER_ENV = "PROBESWEEP_FAULT_AT_STEP", "PROBESWEEP_FAULT_MARKER_DIR"
+PRIVATE_PREFIX = "_"   # report keys that go to MLflow artifacts/tags, not to Tune as metrics
+
+
+def _inject_fault_once(step: int, run_name: str) -> None:
+    """Fault injection for recovery tests: with PROBESWEEP_FAULT_AT_STEP=n and a marker folder set,
+    rank 0 of each run dies (as a killed process would) the first time it reaches step n."""
+    fault_step, marker_dir = os.environ.get(FAULT_STEP_ENV), os.environ.get(FAULT_MARKER_ENV)
+    if not fault_step or not marker_dir or int(fault_step) != step:
+        return
+    marker = Path(marker_dir) / run_name
+    if not marker.exists():
+        marker.write_text(f"killed at step {step}")
+        os._exit(1)
+
+
+def worker_nodes() -> list[str]:
+    """The Ray node of every rank, so a trial's MLflow run says where it trained (and restarted)."""
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [node]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, node)
+    return gathered
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    # remote storage (s3://...): the warm-up, probe set and reward model are read from this node's copies
+    config = storage.local_inputs(TrainConfig.from_dict(loop_config["train"]))
+    final_model_dir = loop_config.get("final_model_dir")
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    if not config.use_gpu:
+        torch.set_num_threads(1)  # several workers share a few cores; more threads only contend
+    elif config.strategy == "deepspeed":  # no prepare_model: DeepSpeed takes the current device
+        torch.cuda.set_device(ray.train.torch.get_device())
+    if config.loss == "ppo":  # rollouts from the trial's actor pool, handed over in the loop config
+        from trainers.runs.ppo_trainer import PPOTrainer
+
+        trainer = PPOTrainer(config, rank, context.get_world_size(), wrap_model=ray.train.torch.prepare_model,
+                             pool=loop_config["rollout_pool"])
+    else:
+        trainer = PolicyTrainer(config, rank, context.get_world_size(), wrap_model=ray.train.torch.prepare_model,
+                                pool=loop_config.get("rollout_pool"))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            trainer.load_checkpoint(directory)  # DDP: rank 0's full state; DeepSpeed: each rank its shard
+    resumed_from = trainer.step if checkpoint is not None else None
+    trainer.prepare()
+    nodes = worker_nodes()  # every rank takes part; rank 0's first report carries them
+
+    pending: list[dict] = []   # per-step metrics not yet reported; each report ships them all
+
+    def report(records: list[dict] | None, save: bool, final: bool) -> None:
+        nonlocal nodes
+        payload: dict = {"step": trainer.step}
+        if rank == 0 and nodes:
+            payload[PRIVATE_PREFIX + "nodes"], nodes = nodes, None
+        if final and final_model_dir:
+            trainer.gather_weights()  # ZeRO-3: a collective, so every rank, before rank 0 saves
+        if rank == 0:
+            payload.update(pending[-1] if pending else {})
+            payload[PRIVATE_PREFIX + "history"] = list(pending)
+            if records is not None:
+                payload[PRIVATE_PREFIX + "probe_records"] = records
+            if resumed_from is not None:
+                payload[PRIVATE_PREFIX + "resumed_from_step"] = resumed_from
+            if trainer.step == 0 or final:
+                payload[PRIVATE_PREFIX + "data"] = {"train_pairs": len(trainer.pairs), "skipped_rows": trainer.skipped_rows}
+            if final and final_model_dir:
+                with storage.output_dir(final_model_dir) as directory:  # a URI: saved locally, then uploaded
+                    trainer.save_pretrained(directory)
+                payload[PRIVATE_PREFIX + "final_model_dir"] = str(final_model_dir)
+        pending.clear()
+        if save and (rank == 0 or trainer.checkpoint_on_every_rank):
+            with tempfile.TemporaryDirectory() as directory:
+                trainer.save_checkpoint(directory)
+                ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(payload)
+
+    if trainer.step == 0:
+        eval_metrics, records = trainer.evaluate()
+        pending.append({"step": 0, **eval_metrics})
+        report(records, save=False, final=False)
+    while trainer.step < config.max_steps:
+        if rank == 0:
+            _inject_fault_once(trainer.step + 1, context.get_experiment_name())
+        metrics = {"step": trainer.step + 1, **trainer.train_step()}
+        final = trainer.step == config.max_steps
+        evaluate = trainer.step % config.eval_every == 0 or final
+        save = final or trainer.step % config.checkpoint_every == 0
+        records = None
+        if evaluate:
+            eval_metrics, records = trainer.evaluate()
+            metrics.update(eval_metrics)
+        pending.append(metrics)
+        # each report waits for the Train controller's poll, so reports are batched, not per step
+        if evaluate or save or trainer.step % config.report_every == 0:
+            report(records, save=save, final=final)
