@@ -93,22 +93,107 @@ def read_text(path) -> str:
         raise FileNotFoundError(f"{path}: not found") from error
 
 
-def write_text(path, text: str) -> None:
-    """Write a small file whole: a reader sees the old content or the new, never a part.
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` survive a power loss (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder; the rename itself is still atomic
+        pass
+    finally:
+        os.close(fd)
 
-    Locally through a temporary file and a rename; an object store makes an object visible only
-    once its upload has finished."""
-    if not is_remote(path):
-        target = Path(_local(path))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
+
+@contextlib.contextmanager
+def atomic_path(path, suffix: str = "") -> Iterator[Path]:
+    """A temporary local path beside `path` for a writer that wants a file name (np.savez, torch.save);
+    when the block ends without an error the file is fsynced and renamed over `path`, then the folder
+    is fsynced, so a reader (or a crash) sees the old file or the new one whole, never a part."""
+    target = Path(_local(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
+    os.close(handle)
+    try:
+        yield Path(staging)
+        with open(staging, "rb+") as stream:
+            os.fsync(stream.fileno())
         os.replace(staging, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+        raise
+    _fsync_dir(target.parent)
+
+
+def write_bytes(path, data: bytes) -> None:
+    """Write a file whole: a reader sees the old content or the new, never a part (the one atomic write).
+
+    Locally through `atomic_path` (temporary file, fsync, rename, fsync of the folder); an object
+    store makes an object visible only once its upload has finished."""
+    if not is_remote(path):
+        with atomic_path(path) as staging:
+            staging.write_bytes(data)
         return
     fs, fs_path = _filesystem(str(path))
     with fs.open_output_stream(fs_path) as stream:
-        stream.write(text.encode("utf-8"))
+        stream.write(data)
+
+
+def write_text(path, text: str) -> None:
+    """`write_bytes` of UTF-8 text (markers and state files)."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def replace_dir(staging, target) -> None:
+    """Put the finished local folder `staging` at `target` (same file system), replacing any folder there.
+
+    A new `target` is one rename. An existing one is first renamed aside and removed only once the
+    new folder is in place; a crash between the two renames leaves the old folder beside the target
+    under `.<name>.replaced-*`, which `restore_replaced_dir` puts back, so the old content is never lost."""
+    staging, target = Path(staging), Path(_local(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        os.rename(staging, target)
+        _fsync_dir(target.parent)
+        return
+    aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.replaced-"))
+    os.rename(target, aside / target.name)
+    os.rename(staging, target)
+    _fsync_dir(target.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def publish_dir(staging, target) -> bool:
+    """Rename the finished local folder `staging` to `target` unless another process published it first
+    (then `staging` is removed: same inputs, same content). True when this call published it."""
+    staging, target = Path(staging), Path(_local(target))
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if not target.exists():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        return False
+    _fsync_dir(target.parent)
+    return True
+
+
+def restore_replaced_dir(target) -> bool:
+    """After a crash inside `replace_dir`: put the folder that was set aside back at `target` when
+    nothing is there; True when it did."""
+    target = Path(_local(target))
+    if target.exists() or not target.parent.is_dir():
+        return False
+    for aside in sorted(target.parent.glob(f".{target.name}.replaced-*")):
+        if (aside / target.name).is_dir():
+            os.rename(aside / target.name, target)
+            _fsync_dir(target.parent)
+            shutil.rmtree(aside, ignore_errors=True)
+            return True
+    return False
 
 
 def upload_file(local, destination) -> None:
@@ -155,8 +240,9 @@ def output_dir(destination) -> Iterator[str]:
 
 
 def cache_root() -> Path:
-    """The node-local folder of downloaded copies (the project's cache, as trainers.data.tokenizer.cache_root)."""
-    return Path(os.environ.get("PROBESWEEP_CACHE") or Path.home() / ".cache" / "probesweep") / "storage"
+    """The project's node-local cache (tokenizers, probe-set builds, downloaded copies under `storage/`):
+    $PROBESWEEP_CACHE, else ~/.cache/probesweep."""
+    return Path(os.environ.get("PROBESWEEP_CACHE") or Path.home() / ".cache" / "probesweep")
 
 
 @contextlib.contextmanager
@@ -187,7 +273,7 @@ def local_copy(path, cache_dir=None):
     for entry in sorted(listing, key=lambda e: e.path):
         digest.update(f"\0{entry.path}\0{entry.type}\0{entry.size}\0{entry.mtime_ns}".encode())
     name = Path(fs_path.rstrip("/")).name or "root"
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    root = Path(cache_dir) if cache_dir is not None else cache_root() / "storage"
     target = root / f"{name}-{digest.hexdigest()[:20]}"  # the finished copy; it exists only when whole
     result = target / name if is_file else target
     if target.exists():

@@ -7,8 +7,6 @@ on disk keyed by a hash of both, so every worker of every trial loads the same f
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -16,14 +14,10 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from infra import storage
+
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 2048
-
-
-def cache_root() -> Path:
-    """Where built artifacts (tokenizers, probe sets) are cached; PROBESWEEP_CACHE overrides."""
-    root = os.environ.get("PROBESWEEP_CACHE") or Path.home() / ".cache" / "probesweep"
-    return Path(root)
 
 
 def corpus_hash(texts: Iterable[str], vocab_size: int) -> str:
@@ -57,15 +51,12 @@ def builtin_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, cache_dir: Path | No
 
     texts = builtin_corpus()
     key = corpus_hash(texts, vocab_size)
-    directory = (cache_dir or cache_root() / "tokenizers") / f"builtin-{key}"
+    directory = (cache_dir or storage.cache_root() / "tokenizers") / f"builtin-{key}"
     if not (directory / "tokenizer.json").exists():
         tokenizer = train_bpe_tokenizer(texts, vocab_size)
         directory.parent.mkdir(parents=True, exist_ok=True)
         # write beside, then rename: concurrent workers never see a half-written tokenizer
         staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".staging-"))
         tokenizer.save_pretrained(staging)
-        try:
-            staging.rename(directory)
-        except OSError:  # another process won the race; its copy is identical
-            shutil.rmtree(staging, ignore_errors=True)
+        storage.publish_dir(staging, directory)  # a process that lost the race drops its identical copy
     return PreTrainedTokenizerFast.from_pretrained(directory)
