@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Protocol, Sequence
 
+from infra import storage
 from trainers.data.schema import PreferencePair
 
 STATIC_CATEGORIES = ("chosen", "rejected", "paraphrase_chosen", "paraphrase_rejected", "variant", "random", "nonresponse")
@@ -80,10 +80,14 @@ class ProbeSet:
     def save(self, directory, extra: Mapping | None = None) -> Path:
         """Write probes.jsonl (one row per prompt and category) and manifest.json; returns the folder.
 
+        Both files are written into a staging folder beside `directory` that then takes its place in
+        one rename (`infra.storage.replace_dir`), so a crash never leaves a half-written set, nor new
+        probes under an old manifest, nor (replacing a set) no set at all. A folder that already holds
+        other files than a probe set's gets the two files in place, manifest last, unless it holds a
+        set to replace: then it is refused (the swap would take the other files with it).
         `extra` adds fields to the manifest (how the set was built); it cannot replace the core ones.
         """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         rows = (json.dumps({"prompt_id": i, "category": c, "prompt": p, "response": self.responses[c][i]},
                            ensure_ascii=False)
                 for i, p in enumerate(self.prompts) for c in self.categories)
@@ -96,14 +100,32 @@ class ProbeSet:
         if clashes:
             raise ValueError(f"extra manifest fields {clashes} would replace core fields")
         manifest.update(extra or {})
-        _write_atomically(directory / PROBES_FILE, "".join(row + "\n" for row in rows))
-        _write_atomically(directory / MANIFEST_FILE, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        files = {PROBES_FILE: "".join(row + "\n" for row in rows),
+                 MANIFEST_FILE: json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"}
+        others = sorted(p.name for p in directory.iterdir() if p.name not in files) if directory.is_dir() else []
+        if others:
+            if (directory / MANIFEST_FILE).exists():
+                raise ProbeSetError(f"{directory}: holds a probe set and other files ({', '.join(others[:5])}); "
+                                    f"a probe set is replaced only in a folder of its own")
+            for name, text in files.items():  # no set to lose here; the manifest marks the set complete
+                storage.write_text(directory / name, text)
+            return directory
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.staging-"))
+        try:
+            for name, text in files.items():
+                storage.write_text(staging / name, text)
+            storage.replace_dir(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         return directory
 
     @classmethod
     def load(cls, directory) -> "ProbeSet":
         """Read a saved probe set and check it is complete and matches its manifest's hash."""
         directory = Path(directory)
+        storage.restore_replaced_dir(directory)  # a save that crashed while swapping folders left the old set aside
         manifest_path, probes_path = directory / MANIFEST_FILE, directory / PROBES_FILE
         for path in (manifest_path, probes_path):
             if not path.is_file():
@@ -127,13 +149,6 @@ class ProbeSet:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         return list(range(rank, len(self.prompts), world_size))
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w", encoding="utf-8") as file:
-        file.write(text)
-    os.replace(staging, path)
 
 
 def _read_rows(path: Path, categories: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -241,12 +256,8 @@ def cached_probe_set_dir(cache_dir, pairs: Sequence[PreferencePair], generator: 
         return directory
     probe_set = build_probe_set(pairs, generator, n_prompts, seed, source)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".staging-"))
-    probe_set.save(staging)
-    try:
-        staging.rename(directory)
-    except OSError:  # another process built the same set first; its files are identical
-        shutil.rmtree(staging, ignore_errors=True)
+    staging = probe_set.save(Path(tempfile.mkdtemp(dir=cache_dir, prefix=".staging-")))
+    storage.publish_dir(staging, directory)  # another process may have built the same set first
     return directory
 
 

@@ -251,3 +251,56 @@ def test_nonresponses_do_not_repeat_until_exhausted():
     assert sorted(s[1:] for s in many) == sorted(NONRESPONSE_SENTENCES)
     assert generator.nonresponses(5, 4) == many[:5] and generator.nonresponses(5, 5) != many[:5]
     assert len(generator.nonresponses(150, 0)) == 150 and len(NONRESPONSE_SENTENCES) >= 60
+
+
+def _other_set(probe_set):
+    return dataclasses.replace(probe_set, prompts=probe_set.prompts[:-1] + (probe_set.prompts[-1] + " again",))
+
+
+@pytest.mark.parametrize("crash_at", ["manifest write", "folder swap"])
+def test_a_crash_while_overwriting_keeps_the_old_set(probe_set, tmp_path, monkeypatch, crash_at):
+    """Under --overwrite the old set stays loadable whatever point of the save a crash hits (before: new
+    probes.jsonl under the old manifest, so neither set loaded)."""
+    import os
+
+    from infra import storage
+
+    directory = probe_set.save(tmp_path / "probes")
+    newer = _other_set(probe_set)
+    assert newer.content_hash() != probe_set.content_hash()
+    if crash_at == "manifest write":
+        real, calls = storage.write_text, []
+
+        def write_text(path, text):
+            calls.append(path)
+            if Path(path).name == "manifest.json":
+                raise KeyboardInterrupt("killed before the manifest")
+            real(path, text)
+
+        monkeypatch.setattr(storage, "write_text", write_text)
+    else:
+        real, calls = os.rename, []
+
+        def write_text(src, dst):  # the second rename puts the new folder in place
+            calls.append(src)
+            if len(calls) == 2:
+                raise KeyboardInterrupt("killed between the renames")
+            real(src, dst)
+
+        monkeypatch.setattr(os, "rename", write_text)
+    with pytest.raises(KeyboardInterrupt):
+        newer.save(directory)
+    monkeypatch.undo()
+    assert calls
+    assert ProbeSet.load(directory) == probe_set
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probes"]   # no staging or set-aside folder left
+    assert newer.save(directory) == directory and ProbeSet.load(directory) == newer
+
+
+def test_a_probe_set_beside_other_files_is_not_swapped_away(probe_set, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    probe_set.save(tmp_path)                                           # no set there yet: written in place
+    assert ProbeSet.load(tmp_path) == probe_set and (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(ProbeSetError, match=r"holds a probe set and other files \(notes.txt\)"):
+        _other_set(probe_set).save(tmp_path)
+    assert ProbeSet.load(tmp_path) == probe_set
