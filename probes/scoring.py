@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from probes.diagnostics import ResponseDiagnostics, response_diagnostics
 from trainers.model.logprobs import IGNORE_INDEX, aligned_sequence_logps, sequence_logps
 
 TokenRows = Sequence[Sequence[int]]
@@ -33,6 +34,11 @@ class ScoreResult:
     sums: np.ndarray    # [N, K] float64
     means: np.ndarray   # [N, K] float64; 0 where count is 0
     counts: np.ndarray  # [N, K] int64
+    # with diagnostics=True (score_shared_prompt): [N, K] squeezing diagnostics and per-token log-probs
+    argmax_logp: np.ndarray | None = None
+    entropy: np.ndarray | None = None
+    peak_gap: np.ndarray | None = None
+    token_logps: list[list[np.ndarray]] | None = None
 
 
 def _num_categories(prompt_ids: TokenRows, response_ids: Sequence[TokenRows]) -> int:
@@ -90,6 +96,18 @@ def _store(result: ScoreResult, rows: Sequence[int], cols: Sequence[int], scores
     result.sums[rows, cols], result.means[rows, cols], result.counts[rows, cols] = sums, means, counts
 
 
+def _store_diagnostics(result: ScoreResult, rows: Sequence[int], cols: Sequence[int], found: ResponseDiagnostics) -> None:
+    if result.token_logps is None:
+        n, k = result.sums.shape
+        result.argmax_logp, result.entropy, result.peak_gap = np.zeros((n, k)), np.zeros((n, k)), np.zeros((n, k))
+        result.token_logps = [[np.zeros(0, np.float32) for _ in range(k)] for _ in range(n)]
+    for i, (row, col) in enumerate(zip(rows, cols)):
+        result.argmax_logp[row, col] = float(found.argmax_logp[i])
+        result.entropy[row, col] = float(found.entropy[i])
+        result.peak_gap[row, col] = float(found.peak_gap[i])
+        result.token_logps[row][col] = found.token_logps[i, : int(found.counts[i])].numpy()
+
+
 def _even_chunks(items: list, max_size: int) -> list[list]:
     """Fewest chunks of at most `max_size` items, of near-equal size (56 rows, 32 -> 28 + 28)."""
     n_chunks = max(1, -(-len(items) // max_size))
@@ -116,7 +134,8 @@ def _encode_prompts(model, device: torch.device, prompts: TokenRows, pad_id: int
 
 
 def _score_continuations(model, device, cache, first_logits: Tensor, prompt_mask: Tensor, prompt_index: Sequence[int],
-                         responses: TokenRows, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+                         responses: TokenRows, pad_id: int, diagnostics: bool = False
+                         ) -> tuple[tuple[Tensor, Tensor, Tensor], ResponseDiagnostics | None]:
     """Score C responses, row c continuing prompt `prompt_index[c]` of an encoded batch.
 
     The cache rows are gathered [B, ...] -> [C, ...] (`batch_select_indices`: a repeat_interleave
@@ -124,7 +143,7 @@ def _score_continuations(model, device, cache, first_logits: Tensor, prompt_mask
     token [C, R-1] with attention mask [prompt mask, response mask] and positions continuing at each
     prompt's length. Logits [C, 1 + (R-1), V] (prompt's last position first) align with the
     response tokens [C, R]: the last token is never an input, since nothing after it is scored.
-    The cache is consumed (grown in place).
+    The cache is consumed (grown in place). With `diagnostics`, also `probes.diagnostics` of the same logits.
     """
     index = torch.as_tensor(prompt_index, dtype=torch.long)
     targets, _ = _pad(responses, IGNORE_INDEX)                          # [C, R]
@@ -140,11 +159,12 @@ def _score_continuations(model, device, cache, first_logits: Tensor, prompt_mask
             use_cache=True,
         )
         logits = torch.cat([logits, out.logits], dim=1)
-    return aligned_sequence_logps(logits[:, : targets.shape[1]], targets.to(device))
+    logits, targets = logits[:, : targets.shape[1]], targets.to(device)
+    return aligned_sequence_logps(logits, targets), (response_diagnostics(logits, targets) if diagnostics else None)
 
 
 def score_shared_prompt(model, prompt_ids: TokenRows, response_ids: Sequence[TokenRows], *, pad_id: int,
-                        prompts_per_batch: int = 8, rows_per_forward: int = 32) -> ScoreResult:
+                        prompts_per_batch: int = 8, rows_per_forward: int = 32, diagnostics: bool = False) -> ScoreResult:
     """log p(response_ids[n][k] | prompt_ids[n]) with each prompt encoded once.
 
     Per batch of B prompts (prompts sorted by length first, so a batch pads little):
@@ -157,6 +177,7 @@ def score_shared_prompt(model, prompt_ids: TokenRows, response_ids: Sequence[Tok
     Cost per prompt ~ P + K*R tokens instead of K*(P + R). An empty response scores sum 0, count 0.
     Works with any HF causal LM taking `past_key_values` and `position_ids` and returning a
     transformers Cache (`batch_select_indices`, deep-copyable), such as DynamicCache.
+    `diagnostics=True` also fills the squeezing diagnostics and per-token log-probs of the result.
     """
     n_prompts, n_categories = len(prompt_ids), _num_categories(prompt_ids, response_ids)
     result = _empty_result(n_prompts, n_categories)
@@ -174,10 +195,12 @@ def score_shared_prompt(model, prompt_ids: TokenRows, response_ids: Sequence[Tok
             chunks = _even_chunks(rows, rows_per_forward)
             for i, chunk in enumerate(chunks):
                 chunk_cache = cache if i == len(chunks) - 1 else copy.deepcopy(cache)
-                scores = _score_continuations(
+                scores, found = _score_continuations(
                     model, device, chunk_cache, first_logits, prompt_mask, [b for b, _ in chunk],
-                    [response_ids[prompts[b]][k] for b, k in chunk], pad_id)
+                    [response_ids[prompts[b]][k] for b, k in chunk], pad_id, diagnostics)
                 _store(result, [prompts[b] for b, _ in chunk], [k for _, k in chunk], scores)
+                if found is not None:
+                    _store_diagnostics(result, [prompts[b] for b, _ in chunk], [k for _, k in chunk], found)
     return result
 
 

@@ -82,3 +82,37 @@ def test_random_logits_match_the_slow_version(dtype):
 def test_misaligned_shapes_are_refused():
     with pytest.raises(ValueError, match="do not align"):
         response_diagnostics(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_shared_prompt_scoring_fills_the_same_diagnostics_as_one_full_forward_per_row():
+    """score_shared_prompt(diagnostics=True) against an unpadded forward over [prompt + response] per row;
+    the log-prob sums are identical with and without the diagnostics."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from probes.scoring import score_shared_prompt
+
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0)).eval()
+    generator = torch.Generator().manual_seed(1)
+    rand = lambda n: torch.randint(1, 64, (n,), generator=generator).tolist()  # noqa: E731
+    prompts = [rand(3), rand(6), rand(1)]
+    responses = [[rand(4), rand(0), rand(2)], [rand(5), rand(1), rand(3)], [rand(2), rand(6), rand(1)]]
+    plain = score_shared_prompt(model, prompts, responses, pad_id=0, rows_per_forward=4)
+    result = score_shared_prompt(model, prompts, responses, pad_id=0, rows_per_forward=4, diagnostics=True)
+    np.testing.assert_array_equal(plain.sums, result.sums)
+    assert plain.token_logps is None
+    with torch.no_grad():
+        for n, prompt in enumerate(prompts):
+            for k, response in enumerate(responses[n]):
+                if not response:
+                    assert result.counts[n, k] == 0 and result.token_logps[n][k].size == 0
+                    continue
+                logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1: -1]
+                [(top, entropy, gap, owns)] = slow_diagnostics([logits.double().tolist()], [response])
+                assert result.argmax_logp[n, k] == pytest.approx(top, abs=1e-4)
+                assert result.entropy[n, k] == pytest.approx(entropy, abs=1e-4)
+                assert result.peak_gap[n, k] == pytest.approx(gap, abs=1e-4)
+                np.testing.assert_allclose(result.token_logps[n][k], owns, atol=1e-4)
+                assert result.token_logps[n][k].sum() == pytest.approx(result.sums[n, k], abs=1e-4)
