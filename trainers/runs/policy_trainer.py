@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import logging
 import os
+import pickle
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
+from infra import storage
 from probes.probe_set import ProbeSet
 from trainers.data.batches import ShardedBatches
 from trainers.data.collate import load_training_pairs
@@ -26,6 +31,14 @@ from trainers.model.objectives import compute_loss
 from trainers.runs.reference_logps import ReferenceLogps, reference_key, reference_logps_path
 
 STATE_FILE = "train_state.pt"   # the DDP checkpoint: rank 0's full state in one file
+MODEL_COMPLETE_FILE = ".model-complete"  # written last into a final model folder: the folder is whole
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: unreadable (cut short, corrupt) or holding more than tensors and
+    plain values (it is not unpickled). The message names the file."""
 
 
 def _distributed() -> bool:
@@ -256,20 +269,59 @@ class PolicyTrainer:
     def save_checkpoint(self, directory: str | Path) -> None:
         """Write resumable state into `directory`; a collective under DeepSpeed (see checkpoint_on_every_rank)."""
         if self.strategy is None:
-            torch.save(self.state_dict(), Path(directory) / STATE_FILE)
+            with storage.atomic_path(Path(directory) / STATE_FILE) as staging:
+                torch.save(self.state_dict(), staging)
         else:
             self.strategy.save_checkpoint(self.model, directory, {"step": self.step})
 
     def load_checkpoint(self, directory: str | Path) -> None:
         """Restore what save_checkpoint wrote (every rank reads the merged folder). DeepSpeed needs its
-        engine for this, so it is built here rather than in prepare()."""
+        engine for this, so it is built here rather than in prepare(). Raises CheckpointError naming the
+        file when it cannot be read."""
         if self.strategy is None:
-            self.load_state_dict(torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False))
+            self.load_state_dict(read_state(Path(directory) / STATE_FILE))
             return
         self._distribute()
         self.step = self.strategy.load_checkpoint(self.model, directory)["step"]
 
+    def load_latest_readable_checkpoint(self, directories: Sequence[str | Path]) -> str | Path:
+        """Restore the newest of `directories` (newest first) that reads; each one skipped is named in a
+        warning. When none reads: one CheckpointError naming every file. Returns the folder used."""
+        problems = []
+        for directory in directories:
+            try:
+                self.load_checkpoint(directory)
+                return directory
+            except CheckpointError as error:
+                log.warning("%s; trying the previous checkpoint", error)
+                problems.append(str(error))
+        raise CheckpointError("no readable checkpoint: " + "; ".join(problems) if problems else "no checkpoint given")
+
     def save_pretrained(self, directory: str) -> None:
-        """Hugging Face format, so anyone can re-score the last evaluation with plain transformers."""
+        """Hugging Face format, so anyone can re-score the last evaluation with plain transformers. The
+        folder is written in place; MODEL_COMPLETE_FILE, written last, says it is whole."""
+        marker = Path(directory) / MODEL_COMPLETE_FILE
+        marker.unlink(missing_ok=True)  # a folder being rewritten is not complete
         self.language_model().save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
+        storage.write_text(marker, json.dumps({"step": self.step}) + "\n")
+
+
+def read_state(path: Path) -> dict:
+    """A DDP checkpoint file as tensors and plain values (`weights_only=True`: nothing else is unpickled,
+    so a file planted on shared storage cannot run code here)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{path}: refused, it holds objects other than tensors and plain values "
+                              f"({str(error).splitlines()[0]})") from error
+    except FileNotFoundError as error:
+        raise CheckpointError(f"{path}: missing from the checkpoint") from error
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: unreadable checkpoint, corrupt or cut short "
+                              f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from error
+
+
+def model_is_complete(directory: str | Path) -> bool:
+    """Whether save_pretrained finished writing `directory` (local folder)."""
+    return (Path(directory) / MODEL_COMPLETE_FILE).is_file()

@@ -10,8 +10,9 @@ does not match.
 from __future__ import annotations
 
 import hashlib
-import os
+import logging
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +23,8 @@ import torch
 from infra import storage
 from trainers.data.collate import TokenizedPair, collate_preference_batch
 from trainers.model.logprobs import sequence_logps
+
+log = logging.getLogger(__name__)
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -45,6 +48,10 @@ def reference_key(model: torch.nn.Module, pairs: Sequence[TokenizedPair]) -> str
     return hashlib.sha256(f"{weights_fingerprint(model)}:{pairs_fingerprint(pairs)}".encode()).hexdigest()[:20]
 
 
+class UnreadableReferenceLogps(ValueError):
+    """A reference log-prob file that exists but cannot be read (truncated, not an .npz, fields missing)."""
+
+
 @dataclass(frozen=True)
 class ReferenceLogps:
     key: str
@@ -53,11 +60,8 @@ class ReferenceLogps:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-        os.close(handle)
-        np.savez(staging, key=np.asarray(self.key), chosen=self.chosen, rejected=self.rejected)
-        os.replace(staging, path)  # readers never see a half-written file
+        with storage.atomic_path(path, suffix=".npz") as staging:  # readers never see a half-written file
+            np.savez(staging, key=np.asarray(self.key), chosen=self.chosen, rejected=self.rejected)
         return path
 
     @classmethod
@@ -69,8 +73,9 @@ class ReferenceLogps:
         try:
             with np.load(storage.local_copy(path)) as data:
                 loaded = cls(str(data["key"]), data["chosen"].astype(np.float64), data["rejected"].astype(np.float64))
-        except (OSError, KeyError, ValueError) as error:
-            raise ValueError(f"{path}: unreadable reference log-prob file ({error})") from error
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise UnreadableReferenceLogps(f"{path}: unreadable reference log-prob file "
+                                           f"({type(error).__name__}: {error})") from error
         if loaded.key != expected_key:
             raise ValueError(f"{path}: reference log-probs were computed for key {loaded.key}, but this model and "
                              f"data give {expected_key} (different reference weights or tokenized data)")
@@ -112,7 +117,10 @@ def load_or_compute_reference_logps(model, pairs: Sequence[TokenizedPair], pad_i
     key = reference_key(model, pairs)
     path = reference_logps_path(directory, key)
     if storage.exists(path):
-        return ReferenceLogps.load(path, key, len(pairs)), path, False
+        try:
+            return ReferenceLogps.load(path, key, len(pairs)), path, False
+        except UnreadableReferenceLogps as error:  # e.g. a copy cut short: the content is known, so rebuild it
+            log.warning("%s; computing the reference log-probs again and replacing it", error)
     chosen, rejected = compute_reference_logps(model, pairs, pad_id, batch_size)
     logps = ReferenceLogps(key, chosen, rejected)
     if storage.is_uri(path):
