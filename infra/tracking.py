@@ -129,6 +129,13 @@ class Tracker:
     def run(self, run_id: str):
         return self.client.get_run(run_id)
 
+    def list_artifacts(self, run_id: str, path: str | None = None) -> list[str]:
+        """Artifact paths (relative to the run's root) directly under `path`."""
+        return [item.path for item in self.client.list_artifacts(run_id, path)]
+
+    def download_artifact(self, run_id: str, path: str, dst_dir: str | Path) -> Path:
+        return Path(self.client.download_artifacts(run_id, path, str(dst_dir)))
+
 
 def mlflow_ui_command(tracking_uri: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):

@@ -17,6 +17,7 @@ from ray.train.v2.api.callback import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from probes.plots import plot_category_curves
+from probes.token_records import log_probe_records
 from sweeps.search import SEARCHABLE, TRAIN_FIELDS, warmup_key
 from infra.tracking import Tracker
 from infra import storage as store
@@ -61,7 +62,7 @@ class MlflowReportCallback(UserCallback):
         tracker.log_metrics_by_step(self.run_id, [(row["step"], {k: v for k, v in row.items() if k != "step"}) for row in rows])
         records = report.get(PRIVATE_PREFIX + "probe_records")
         if records and step > self._last_logged_step:
-            tracker.log_dataframe(self.run_id, pd.DataFrame(records), f"logps/step_{step:06d}.csv")
+            log_probe_records(tracker, self.run_id, records, step)  # CSV + per-token npz
         if PRIVATE_PREFIX + "data" in report:
             tracker.set_tags(self.run_id, {f"data.{k}": v for k, v in report[PRIVATE_PREFIX + "data"].items()})
         if PRIVATE_PREFIX + "nodes" in report:  # the worker group (re)started: where its ranks run

@@ -59,7 +59,7 @@ def evaluate_probes(model, tokenizer, probes: TokenizedProbes, prompt_ids: Seque
         for j, i in enumerate(prompt_ids)
     ]
     scores = score_shared_prompt(model, prompts, responses, pad_id=tokenizer.pad_token_id,
-                                 prompts_per_batch=prompts_per_batch)
+                                 prompts_per_batch=prompts_per_batch, diagnostics=True)
     records = []
     for j, prompt_id in enumerate(prompt_ids):
         for k, category in enumerate(categories):
@@ -68,15 +68,25 @@ def evaluate_probes(model, tokenizer, probes: TokenizedProbes, prompt_ids: Seque
                 "logp_sum": float(scores.sums[j, k]), "logp_mean": float(scores.means[j, k]),
                 "num_tokens": int(scores.counts[j, k]),
                 "response": decodes[category][1][j] if category in decodes else "",
+                "argmax_logp": float(scores.argmax_logp[j, k]), "entropy": float(scores.entropy[j, k]),
+                "peak_gap": float(scores.peak_gap[j, k]),
+                # per-token values for probes.token_views; split off into an npz artifact before the CSV
+                "token_ids": [int(t) for t in responses[j][k]],
+                "token_texts": tokenizer.batch_decode([[t] for t in responses[j][k]]),
+                "token_logps": [float(v) for v in scores.token_logps[j][k]],
             })
     return records
 
 
 def summarize_records(records: Sequence[dict]) -> dict[str, float]:
-    """`logp/<category>`: mean over prompts of the summed log-prob; `logp_tok/<category>`: of the per-token mean."""
+    """`logp/<category>`: mean over prompts of the summed log-prob; `logp_tok/<category>`: of the per-token mean;
+    `argmax_logp/`, `entropy/`, `peak_gap/<category>`: means of the squeezing diagnostics, where records have them."""
     summary: dict[str, float] = {}
     for category in sorted({r["category"] for r in records}):
         rows = [r for r in records if r["category"] == category]
         summary[f"logp/{category}"] = float(np.mean([r["logp_sum"] for r in rows]))
         summary[f"logp_tok/{category}"] = float(np.mean([r["logp_mean"] for r in rows]))
+        for name in ("argmax_logp", "entropy", "peak_gap"):
+            if all(name in r for r in rows):
+                summary[f"{name}/{category}"] = float(np.mean([r[name] for r in rows]))
     return summary
