@@ -13,6 +13,7 @@ The per-token log-probs come along, for the per-token Δ views.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -55,3 +56,19 @@ def response_diagnostics(logits: Tensor, targets: Tensor) -> ResponseDiagnostics
             stats[:, c] = torch.stack([top.mean(), entropy.mean(), (own - top).mean()]).to("cpu", torch.float64)
             token_logps[c, scored.cpu()] = own.to("cpu", torch.float32)
     return ResponseDiagnostics(stats[0], stats[1], stats[2], token_logps, counts)
+
+
+def peak_of(curve: Sequence[tuple[int, float]]) -> tuple[int, float]:
+    """(step, value) of a curve's highest point; the earliest step on ties (when did it stop rising)."""
+    if not curve:
+        raise ValueError("an empty curve has no peak")
+    best_step, best = curve[0]
+    for step, value in curve[1:]:
+        if value > best:
+            best_step, best = step, value
+    return int(best_step), float(best)
+
+
+def fall_from_peak(curve: Sequence[tuple[int, float]]) -> float:
+    """How far the last point lies below the highest so far (>= 0): the squeezing of a category."""
+    return peak_of(curve)[1] - float(curve[-1][1])

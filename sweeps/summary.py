@@ -5,6 +5,7 @@ resumed sweep covers the trials of every session.
 """
 from __future__ import annotations
 
+from probes.diagnostics import peak_of
 from probes.plots import plot_category_curves, plot_sweep_comparison
 from probes.probe_set import DYNAMIC_CATEGORIES, STATIC_CATEGORIES
 from sweeps.search import SEARCHABLE
@@ -42,6 +43,8 @@ def run_row(tracker: Tracker, run) -> dict:
             history = tracker.metric_history(run.info.run_id, f"{prefix}/{category}")
             if history:
                 row[f"{name}/{category}"], row[f"peak_{name}/{category}"] = delta_summary(history)
+                if prefix == "logp":  # when the category's log-prob stopped rising (squeezing starts after it)
+                    row[f"peak_step/{category}"] = peak_of(history)[0]
     return row
 
 

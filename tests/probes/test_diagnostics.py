@@ -116,3 +116,15 @@ def test_shared_prompt_scoring_fills_the_same_diagnostics_as_one_full_forward_pe
                 assert result.peak_gap[n, k] == pytest.approx(gap, abs=1e-4)
                 np.testing.assert_allclose(result.token_logps[n][k], owns, atol=1e-4)
                 assert result.token_logps[n][k].sum() == pytest.approx(result.sums[n, k], abs=1e-4)
+
+
+def test_peak_of_a_curve_and_the_fall_from_it():
+    from probes.diagnostics import fall_from_peak, peak_of
+
+    curve = [(0, -40.0), (10, -35.5), (20, -33.0), (30, -33.0), (40, -38.0)]
+    assert peak_of(curve) == (20, -33.0)  # the earliest of equal highs
+    assert fall_from_peak(curve) == pytest.approx(5.0)
+    assert peak_of([(5, 1.0)]) == (5, 1.0) and fall_from_peak([(5, 1.0)]) == 0.0
+    assert peak_of([(0, -1.0), (1, -2.0), (2, -3.0)]) == (0, -1.0)  # falling from the start: peak at step 0
+    with pytest.raises(ValueError):
+        peak_of([])

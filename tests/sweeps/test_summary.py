@@ -74,6 +74,7 @@ def test_summary_table_csv_and_figures_on_the_parent(sweep_store):
     assert (high["delta/chosen"], high["peak_delta/chosen"]) == (-10.0, -15.0)
     assert high["delta/rejected"] == pytest.approx(-15.0) and high["reward_accuracy"] == pytest.approx(0.75)
     assert "delta/greedy" not in low  # a category never logged stays absent, not zero
+    assert (low["peak_step/chosen"], high["peak_step/chosen"]) == (0, 0)  # both fall from the first evaluation
     artifacts = {a.path for d in ("summary", "figures") for a in tracker.client.list_artifacts(parent, d)}
     assert artifacts == {"summary/sweep_summary.csv", "figures/category_curves.png", "figures/final_delta_vs_beta.png"}
     frame = pd.read_csv(tracker.client.download_artifacts(parent, "summary/sweep_summary.csv"))
