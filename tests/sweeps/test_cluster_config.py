@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from infra.cluster_twin import assigned_variables
+
 CLUSTER_YAML = Path(__file__).resolve().parents[2] / "cluster.yaml"
 SWEEP_BLOCK = "# THEN A SWEEP RUNS WITH"
 REQUIRED_KEYS = ("cluster_name", "max_workers", "provider", "auth", "available_node_types", "head_node_type",
@@ -65,9 +67,12 @@ def project_problems(config: dict) -> list[str]:
 
 
 def pip_installs(commands: list[str]) -> list[list[str]]:
-    """The arguments of every `pip install` in the commands."""
+    """The arguments of every `pip install` in the commands, with the variables the command assigns
+    (`NAME=value;`) filled in."""
     installs = []
     for command in commands:
+        for name, value in assigned_variables(command).items():
+            command = command.replace("$" + name, value)
         lexer = shlex.shlex(command, posix=True, punctuation_chars=True)  # ; && || as tokens of their own
         lexer.wordchars += "$:[],"
         words = list(lexer)
@@ -214,20 +219,31 @@ def test_head_starts_ray_and_an_mlflow_server_with_a_backend_store():
     assert len(ray_starts) == 1
     ray_args = start.make_context("start", shlex.split(ray_starts[0])[2:]).params  # parsed by Ray's own CLI
     assert ray_args["head"] and ray_args["port"] == 6379 and ray_args["num_gpus"] == 0
-    assert ray_args["dashboard_host"] == "0.0.0.0"
+    assert ray_args["dashboard_host"] == "127.0.0.1"  # its Jobs API runs any code: reached over SSH forwarding
     assert ray_args["autoscaling_config"].endswith("ray_bootstrap_config.yaml")
 
     mlflow_commands = [c for c in commands if mlflow_server_args(c)]
     assert len(mlflow_commands) == 1, "exactly one command starts `mlflow server`"
     command = mlflow_commands[0]
     mlflow_args = server.make_context("server", mlflow_server_args(command)).params  # parsed by MLflow's CLI
-    assert mlflow_args["port"] == 5000 and mlflow_args["host"] == "0.0.0.0"
+    assert mlflow_args["port"] == 5000 and mlflow_args["host"] == "127.0.0.1"  # no auth: loopback only
     store = mlflow_args["backend_store_uri"]
     assert re.fullmatch(r"sqlite:///(/|\$HOME/)\S+\.db", store) or store.startswith("postgresql"), store
     assert mlflow_args["artifacts_destination"] == "$MLFLOW_ARTIFACTS"
     assert re.search(r"MLFLOW_ARTIFACTS=s3://\S+/mlflow-artifacts;", command)
     # in the background, detached from the SSH session, so the start command returns
     assert "nohup" in command and re.search(r"< /dev/null &", command) and "> ~/mlflow/server.log 2>&1" in command
+
+
+def test_no_command_opens_a_port_on_every_interface():
+    """The dashboard and MLflow bind the head's loopback address; nothing else may listen on 0.0.0.0 or ::."""
+    config = load_cluster_yaml()
+    commands = [c for key in ("setup_commands", "head_setup_commands", "head_start_ray_commands",
+                              "worker_start_ray_commands") for c in config.get(key) or []]
+    wildcard = [c for c in commands if re.search(r"0\.0\.0\.0|\[::\]|--host[= ]::", c)]
+    assert wildcard == []
+    # and the sweep section's tracking URI is the head's loopback, which only SSH forwarding reaches from outside
+    assert any(word == "http://127.0.0.1:5000" for word in sweep_argv())
 
 
 def test_workers_join_the_head():
@@ -250,9 +266,9 @@ def test_sweep_flags_of_the_header_parse():
     argv = sweep_argv()
     config = parse_config(argv, "cluster.yaml")  # exits (SystemExit) on an unknown flag or a bad value
     assert config.address == "auto" and config.train.use_gpu is True
-    assert config.tracking_uri == "http://10.0.0.10:5000"  # the port of the head's MLflow server
+    assert config.tracking_uri == "http://127.0.0.1:5000"  # the head's MLflow server, on its loopback address
     assert config.storage_path == "s3://my-bucket/probesweep"
-    assert config.train.gpus_per_worker == 1 and config.train.rollout_gpus_per_actor == 1
+    assert config.train.gpus_per_worker == 1 and config.train.rollout.gpus_per_actor == 1
 
 
 def test_every_flag_the_comments_mention_exists():
