@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from probes.diagnostics import ResponseDiagnostics, response_diagnostics
+from trainers.data.collate import collate_sequences, pad_rows
 from trainers.model.logprobs import IGNORE_INDEX, aligned_sequence_logps, sequence_logps
 
 TokenRows = Sequence[Sequence[int]]
@@ -51,19 +52,6 @@ def _num_categories(prompt_ids: TokenRows, response_ids: Sequence[TokenRows]) ->
         if len(prompt) == 0:  # nothing would predict the first response token
             raise ValueError(f"prompt {n} is empty: give it at least one token (e.g. BOS)")
     return sizes.pop() if sizes else 0
-
-
-def _pad(rows: TokenRows, value: int, left: bool = False) -> tuple[Tensor, Tensor]:
-    """Rows of ids -> (ids [R, T] padded with `value`, mask [R, T] 1 on real tokens), T = longest row."""
-    width = max((len(row) for row in rows), default=0)
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            span = slice(width - len(row), width) if left else slice(0, len(row))
-            ids[i, span] = torch.as_tensor(row, dtype=torch.long)
-            mask[i, span] = 1
-    return ids, mask
 
 
 def _batches(n: int, size: int) -> Iterator[range]:
@@ -126,7 +114,7 @@ def _encode_prompts(model, device: torch.device, prompts: TokenRows, pad_id: int
     needed (they predict the first response token); position_ids = cumsum(mask) - 1 start each
     prompt at 0, which rotary models need to give the same numbers as an unpadded prompt.
     """
-    tokens, mask = _pad(prompts, pad_id, left=True)
+    tokens, mask = pad_rows(prompts, pad_id, left=True)
     last_logits_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     out = model(input_ids=tokens.to(device), attention_mask=mask.to(device),
                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True, **last_logits_only)
@@ -146,8 +134,8 @@ def _score_continuations(model, device, cache, first_logits: Tensor, prompt_mask
     The cache is consumed (grown in place). With `diagnostics`, also `probes.diagnostics` of the same logits.
     """
     index = torch.as_tensor(prompt_index, dtype=torch.long)
-    targets, _ = _pad(responses, IGNORE_INDEX)                          # [C, R]
-    inputs, response_mask = _pad([r[:-1] for r in responses], pad_id)   # [C, R-1]
+    targets, _ = pad_rows(responses, IGNORE_INDEX)                          # [C, R]
+    inputs, response_mask = pad_rows([r[:-1] for r in responses], pad_id)   # [C, R-1]
     logits = first_logits[index.to(device)].unsqueeze(1)                # [C, 1, V]
     if inputs.shape[1] > 0:
         cache.batch_select_indices(index.to(device))
@@ -206,12 +194,10 @@ def score_shared_prompt(model, prompt_ids: TokenRows, response_ids: Sequence[Tok
 
 def _score_full_rows(model, device, prompts: TokenRows, responses: TokenRows, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
     """One forward over right-padded [prompt + response] rows; labels on the response tokens only."""
-    tokens, mask = _pad([list(p) + list(r) for p, r in zip(prompts, responses)], pad_id)
-    labels = tokens.masked_fill(mask == 0, IGNORE_INDEX)
-    for i, prompt in enumerate(prompts):
-        labels[i, : len(prompt)] = IGNORE_INDEX
-    logits = model(input_ids=tokens.to(device), attention_mask=mask.to(device), use_cache=False).logits
-    return sequence_logps(logits, labels.to(device))
+    batch = collate_sequences(prompts, responses, pad_id)
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                   use_cache=False).logits
+    return sequence_logps(logits, batch["labels"].to(device))
 
 
 def score_per_category(model, prompt_ids: TokenRows, response_ids: Sequence[TokenRows], *, pad_id: int,

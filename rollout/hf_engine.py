@@ -11,54 +11,56 @@ from typing import Sequence
 import torch
 
 from rollout.interface import RolloutBatch, SamplingParams
+from trainers.data.collate import pad_rows
 
 
 @dataclass
 class Generation:
     token_ids: list[list[int]]   # generated tokens per prompt, through EOS when it was produced
     texts: list[str]
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input ids, attention mask), padded on the left: batched decoder-only generation continues
-    every row from its last real token."""
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, ids in enumerate(prompts):
-        input_ids[i, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
-        attention_mask[i, width - len(ids):] = 1
-    return input_ids, attention_mask
+    logprobs: list[list[float]] | None = None  # with_logprobs: log p of each token from the raw logits (temperature 1)
 
 
 def generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
-             do_sample: bool = False, temperature: float = 1.0, batch_size: int = 16,
-             seed: int | None = None) -> Generation:
-    """Greedy (default) or sampled continuations of each prompt."""
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 16,
+             seed: int | None = None, seed_every_batch: bool = False, with_logprobs: bool = False) -> Generation:
+    """Greedy (default) or sampled continuations of each prompt, in left-padded batches: the one
+    generate loop (probe decodes, the local probe writer and HFEngine all come through here).
+
+    `seed` seeds torch before the first batch, or with `seed_every_batch` before each batch as
+    seed + the batch's first prompt index (what HFEngine does, so a request's numbers do not depend on
+    what ran before it in the same process)."""
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    if seed is not None:
-        torch.manual_seed(seed)
     outputs: list[list[int]] = []
+    logprobs: list[list[float]] = []
+    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {"temperature": None, "top_p": None}
+    extra = {"output_logits": True, "return_dict_in_generate": True} if with_logprobs else {}
     try:
         for start in range(0, len(prompt_ids), batch_size):
-            input_ids, attention_mask = left_pad(prompt_ids[start:start + batch_size], pad_id)
+            input_ids, attention_mask = pad_rows(prompt_ids[start:start + batch_size], pad_id, left=True)
             width = input_ids.shape[1]
+            if seed is not None and (seed_every_batch or start == 0):
+                torch.manual_seed(seed + start)
             with torch.no_grad():
-                generated = model.generate(
+                out = model.generate(
                     input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                    max_new_tokens=max_new_tokens, do_sample=do_sample,
-                    temperature=temperature if do_sample else None, top_k=None, top_p=None,
-                    pad_token_id=pad_id, eos_token_id=eos_id,
+                    max_new_tokens=max_new_tokens, do_sample=do_sample, top_k=None,
+                    pad_token_id=pad_id, eos_token_id=eos_id, **sampling, **extra,
                 )
-            for row in generated[:, width:].tolist():
-                outputs.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
+            new = (out.sequences if with_logprobs else out)[:, width:]
+            lengths = [row.index(eos_id) + 1 if eos_id in row else len(row) for row in new.tolist()]
+            outputs.extend(row[:length] for row, length in zip(new.tolist(), lengths))
+            if with_logprobs:
+                step_logps = torch.stack([torch.log_softmax(step.float(), -1) for step in out.logits], dim=1)
+                picked = step_logps.gather(-1, new[:, : step_logps.shape[1], None]).squeeze(-1)
+                logprobs.extend(row[:length] for row, length in zip(picked.tolist(), lengths))
     finally:
         model.train(was_training)
     texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
-    return Generation(token_ids=outputs, texts=texts)
+    return Generation(token_ids=outputs, texts=texts, logprobs=logprobs if with_logprobs else None)
 
 
 class HFEngine:
@@ -84,34 +86,11 @@ class HFEngine:
         return cls(model, tokenizer, device=device, **kwargs)
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
-        pad_id, eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        device = next(self.model.parameters()).device
-        generator_seed = params.seed
-        tokens: list[list[int]] = []
-        logprobs: list[list[float]] = []
-        for start in range(0, len(prompt_ids), self.batch_size):
-            input_ids, attention_mask = left_pad(prompt_ids[start:start + self.batch_size], pad_id)
-            width = input_ids.shape[1]
-            if generator_seed is not None:
-                torch.manual_seed(generator_seed + start)
-            sampling = {} if params.greedy else {"temperature": params.temperature, "top_p": params.top_p}
-            with torch.no_grad():
-                out = self.model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                    max_new_tokens=params.max_new_tokens, do_sample=not params.greedy, top_k=None,
-                    pad_token_id=pad_id, eos_token_id=eos_id, output_logits=True, return_dict_in_generate=True,
-                    **({"top_p": None} if params.greedy else sampling),
-                )
-            new = out.sequences[:, width:]
-            step_logps = torch.stack([torch.log_softmax(step.float(), -1) for step in out.logits], dim=1)
-            picked = step_logps.gather(-1, new[:, : step_logps.shape[1], None]).squeeze(-1)
-            for row, row_logps in zip(new.tolist(), picked.tolist()):
-                length = row.index(eos_id) + 1 if eos_id in row else len(row)
-                tokens.append(row[:length])
-                logprobs.append(row_logps[:length])
-        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        return RolloutBatch(prompt_ids=[list(p) for p in prompt_ids], token_ids=tokens, texts=texts,
-                            logprobs=logprobs, policy_version=self.version, engine=self.name)
+        out = generate(self.model, self.tokenizer, prompt_ids, max_new_tokens=params.max_new_tokens,
+                       do_sample=not params.greedy, temperature=params.temperature, top_p=params.top_p,
+                       batch_size=self.batch_size, seed=params.seed, seed_every_batch=True, with_logprobs=True)
+        return RolloutBatch(prompt_ids=[list(p) for p in prompt_ids], token_ids=out.token_ids, texts=out.texts,
+                            logprobs=out.logprobs, policy_version=self.version, engine=self.name)
 
     def load_weights(self, state_dict, version: int) -> None:
         missing, unexpected = self.model.load_state_dict(state_dict, strict=False)

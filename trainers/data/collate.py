@@ -69,17 +69,26 @@ def tokenize_pairs(tokenizer, pairs: Sequence[PreferencePair], max_prompt_tokens
     return kept, skipped
 
 
+def pad_rows(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ids -> (ids [R, T] padded with `value`, mask [R, T] 1 on real tokens), T = the longest row.
+
+    The one padding helper: right padding for training and scoring rows, left padding (`left=True`)
+    for batched generation and prompt encoding, where every row must end at the last position."""
+    width = max((len(row) for row in rows), default=0)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if len(row):
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[i, span] = torch.as_tensor(list(row), dtype=torch.long)
+            mask[i, span] = 1
+    return ids, mask
+
+
 def collate_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded prompt+response rows with labels on the response tokens only."""
-    rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for i, (prompt, row) in enumerate(zip(prompts, rows)):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        attention_mask[i, : len(row)] = 1
-        labels[i, len(prompt): len(row)] = torch.tensor(row[len(prompt):])
+    input_ids, attention_mask = pad_rows([list(p) + list(r) for p, r in zip(prompts, responses)], pad_id)
+    labels, _ = pad_rows([[IGNORE_INDEX] * len(p) + list(r) for p, r in zip(prompts, responses)], IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
