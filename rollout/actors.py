@@ -16,6 +16,7 @@ import ray
 
 from rollout.interface import RolloutBatch, SamplingParams
 from infra import storage
+from trainers.data.seeds import derive_seed
 
 
 class RolloutError(RuntimeError):
@@ -77,7 +78,7 @@ class RolloutActor:
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
         started = time.perf_counter()
         if params.seed is not None:  # actors draw different streams from one request seed
-            params = replace(params, seed=params.seed + 1_000_003 * self.index)
+            params = replace(params, seed=derive_seed(self.index, params.seed))  # = seed + stride * index
         batch = self.engine.generate(prompt_ids, params)
         batch.info = {"actor": self.index, "seconds": time.perf_counter() - started}
         return batch

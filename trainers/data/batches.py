@@ -8,6 +8,8 @@ from __future__ import annotations
 import random
 from typing import Sequence, TypeVar
 
+from trainers.data.seeds import derive_seed
+
 T = TypeVar("T")
 
 
@@ -24,7 +26,7 @@ class ShardedBatches:
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
             order = list(range(len(self.items)))
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            random.Random(derive_seed(self.seed, epoch)).shuffle(order)
             self._orders = {epoch: order}  # only the current epoch is ever needed again
         return self._orders[epoch]
 

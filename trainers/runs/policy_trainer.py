@@ -24,6 +24,7 @@ from infra import storage
 from probes.probe_set import ProbeSet
 from trainers.data.batches import ShardedBatches
 from trainers.data.collate import load_training_pairs
+from trainers.data.seeds import derive_seed
 from trainers.config import TrainConfig
 from trainers.runs.evaluation import evaluate_probes, summarize_records, tokenize_probe_set
 from trainers.model.factory import load_model_and_tokenizer
@@ -227,7 +228,7 @@ class PolicyTrainer:
         self.gather_weights()  # ZeRO-3: ranks decode different prompts, so no collectives may run inside
         records = evaluate_probes(self.language_model(), self.tokenizer, self.probes, self.probe_prompts,
                                   greedy_max_tokens=self.config.greedy_max_tokens,
-                                  sample_seed=self.config.seed * 1_000_003 + self.step,
+                                  sample_seed=derive_seed(self.config.seed, self.step),
                                   prompts_per_batch=self.config.probe_batch_prompts, decodes=self.policy_decodes())
         records = gather_records(records)
         return summarize_records(records), records
@@ -246,7 +247,7 @@ class PolicyTrainer:
         limit = self.config.greedy_max_tokens
         greedy = self.pool.generate(prompts, SamplingParams(max_new_tokens=limit, temperature=0))
         sample = self.pool.generate(prompts, SamplingParams(max_new_tokens=limit, temperature=1.0,
-                                                            seed=self.config.seed * 1_000_003 + self.step))
+                                                            seed=derive_seed(self.config.seed, self.step)))
         return {"greedy": (greedy.token_ids, greedy.texts), "sample": (sample.token_ids, sample.texts)}
 
     def state_dict(self) -> dict:

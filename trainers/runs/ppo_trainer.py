@@ -18,6 +18,7 @@ from torch import nn
 from rollout.actors import RolloutPool
 from rollout.interface import SamplingParams
 from trainers.data.collate import collate_sequences
+from trainers.data.seeds import derive_seed, rank_seed
 from trainers.config import TrainConfig
 from trainers.model.logprobs import gather_response_positions, response_token_logps
 from trainers.runs.policy_trainer import PolicyTrainer, mean_across_ranks, unwrap
@@ -92,7 +93,7 @@ class PPOTrainer(PolicyTrainer):
         config, started = self.config, time.perf_counter()
         prompt_ids, prompt_texts = self._prompts()
         params = SamplingParams(max_new_tokens=config.ppo_max_new_tokens, temperature=config.ppo_temperature,
-                                seed=(config.seed * 1_000_003 + self.step) * self.world_size + self.rank)
+                                seed=rank_seed(derive_seed(config.seed, self.step), self.rank, self.world_size))
         rollout = self.pool.generate(prompt_ids, params)
         if rollout.policy_version != self.policy_version:
             raise RuntimeError(f"rollouts came from policy version {rollout.policy_version}, expected {self.policy_version}")
