@@ -77,6 +77,10 @@ class TrainConfig:
     use_gpu: bool = _f(False, "GPUs for the workers (NCCL; gpus_per_worker each); default CPU with gloo")
     checkpoint_every: int = _f(20, "report a resumable checkpoint every N steps")
     report_every: int = _f(5, "send buffered per-step metrics to Tune/MLflow every N steps (each report is a round trip)")
+    # LoRA (PEFT): rank-r adapters on a frozen base; the reference is that base with the adapters off (trainers.model.lora)
+    lora_rank: int = _f(0, "LoRA rank: train rank-r adapters on the frozen model (0: train every weight; needs the lora extra)")
+    lora_alpha: float = _f(16.0, "LoRA alpha: the adapters' update is scaled by alpha / rank")
+    lora_target_modules: str = _f("all-linear", "modules that get adapters: 'all-linear' (every linear layer but the output head) or comma-separated names, e.g. 'q_proj,v_proj' (Llama) or 'query_key_value' (GPT-NeoX)")
 
     def __post_init__(self):
         if self.loss not in ("sft", "dpo", "cdpo", "ipo", "ppo"):
@@ -100,6 +104,12 @@ class TrainConfig:
         if self.strategy == "deepspeed" and self.loss == "ppo":
             raise ValueError("strategy 'deepspeed' does not support loss 'ppo' yet (PPO runs its own update loop); "
                              "use --strategy ddp for PPO")
+        if self.lora_rank < 0 or self.lora_alpha <= 0:
+            raise ValueError(f"--lora-rank must be >= 0 and --lora-alpha > 0, got {self.lora_rank}, {self.lora_alpha}")
+        if self.lora_rank and self.strategy == "deepspeed":
+            raise ValueError("--lora-rank with --strategy deepspeed is not supported yet; use --strategy ddp with LoRA")
+        if self.lora_rank and not [m for m in self.lora_target_modules.split(",") if m.strip()]:
+            raise ValueError("--lora-target-modules: name at least one module, or 'all-linear'")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker and gpus_per_worker must be > 0, got {self.cpus_per_worker}, {self.gpus_per_worker}")
         for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_every", "num_workers", "num_probe_prompts", "report_every", "checkpoint_every",

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerBase
 
 from trainers.data.tokenizer import DEFAULT_VOCAB_SIZE, builtin_tokenizer
+from trainers.model.pretrained import PRETRAINED_MODELS, resolve_model_path
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,13 @@ def _check_name(name_or_path: str) -> None:
     """Fail fast on a name that is neither built in, a local folder, nor shaped like a hub id."""
     if name_or_path not in TINY_PYTHIA_SIZES and not Path(name_or_path).exists() and "/" not in name_or_path:
         raise ValueError(
-            f"unknown model {name_or_path!r}: use one of {sorted(TINY_PYTHIA_SIZES)}, "
+            f"unknown model {name_or_path!r}: use one of {sorted([*TINY_PYTHIA_SIZES, *PRETRAINED_MODELS])}, "
             "a Hugging Face name such as 'EleutherAI/pythia-410m', or a local folder"
         )
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    name_or_path = resolve_model_path(name_or_path)  # smollm2-135m: its folder in the cache, built once
     _check_name(name_or_path)
     if name_or_path in TINY_PYTHIA_SIZES:
         return builtin_tokenizer()
@@ -71,6 +73,7 @@ def load_model_and_tokenizer(
     name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Return (causal LM, tokenizer). Built-in names are initialised from `seed`."""
+    name_or_path = resolve_model_path(name_or_path)
     tokenizer = load_tokenizer(name_or_path)
     if name_or_path in TINY_PYTHIA_SIZES:
         config = tiny_pythia_config(name_or_path, vocab_size=len(tokenizer))

@@ -28,6 +28,7 @@ from trainers.data.seeds import derive_seed
 from trainers.config import TrainConfig
 from trainers.runs.evaluation import evaluate_probes, summarize_records, tokenize_probe_set
 from trainers.model.factory import load_model_and_tokenizer
+from trainers.model import lora
 from trainers.model.objectives import compute_loss
 from trainers.runs.reference_logps import ReferenceLogps, reference_key, reference_logps_path
 
@@ -91,8 +92,10 @@ class PolicyTrainer:
         if config.loss != "sft" and config.reference_logps_dir:
             key = reference_key(model, self.pairs)
             self.reference_logps = ReferenceLogps.load(reference_logps_path(config.reference_logps_dir, key), key, len(self.pairs))
-        elif config.loss != "sft":
-            self.reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+        # LoRA after the key: the shared log-probs and the adapter-free reference are of the same base
+        model = lora.apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_target_modules, config.seed)
+        if config.loss != "sft" and not config.reference_logps_dir:
+            self.reference_model = lora.frozen_reference(model)  # LoRA: the base with adapters off, no copy
         self.batches = ShardedBatches(range(len(self.pairs)), config.micro_batch_size, rank, world_size, config.seed)
         probe_set = ProbeSet.load(config.probe_set_dir)
         self.probes = tokenize_probe_set(probe_set, self.tokenizer, config.max_prompt_tokens, config.max_response_tokens)
@@ -161,7 +164,7 @@ class PolicyTrainer:
             return
         self.gather_weights()
         if self.rank == 0:
-            self.last_sync_s = self.pool.sync_weights(self.language_model().state_dict(), self.step)
+            self.last_sync_s = self.pool.sync_weights(lora.merged_state_dict(self.language_model()), self.step)
         if _distributed():
             dist.barrier()
         self.policy_version = self.step
@@ -253,11 +256,11 @@ class PolicyTrainer:
     def state_dict(self) -> dict:
         if self.strategy is not None:
             raise RuntimeError("under DeepSpeed every rank holds a shard of the state: use save_checkpoint(directory)")
-        return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": lora.checkpoint_state(unwrap(self.model)), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
-        unwrap(self.model).load_state_dict(state["model"])
+        lora.load_checkpoint_state(unwrap(self.model), state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
@@ -303,7 +306,7 @@ class PolicyTrainer:
         folder is written in place; MODEL_COMPLETE_FILE, written last, says it is whole."""
         marker = Path(directory) / MODEL_COMPLETE_FILE
         marker.unlink(missing_ok=True)  # a folder being rewritten is not complete
-        self.language_model().save_pretrained(directory)
+        lora.save_pretrained(self.language_model(), directory)  # LoRA: merged weights, adapters beside
         self.tokenizer.save_pretrained(directory)
         storage.write_text(marker, json.dumps({"step": self.step}) + "\n")
 
