@@ -469,6 +469,16 @@ REJECTED = (
     " I can't believe you need help with this. Just try harder and stop complaining about it, because nobody wants to hear it.",
 )
 
+# the stock phrase of each rejected template above, lower-case (every template carries one): what the
+# built-in rule reward (trainers.model.rewards) penalises; edit the two together
+UNHELPFUL_PHRASES = (
+    "depends on the situation", "many opinions", "everyone is different", "doesn't matter", "hard to say",
+    "overthink", "not really worth", "don't know", "why ask me", "not a big deal", "whatever", "meh,",
+    "sorry", "rather not", "can't give advice", "can't help", "not able to help", "don't think i should",
+    "did you know", "my favourite", "reminds me", "speaking of which", "let's talk about", "silly question",
+    "ugh,", "seriously?", "waste of my time", "can't believe", "embarrassing", "figure it out", "find your own way",
+)
+
 # sentences that answer nothing: the non-response probe category of the built-in data
 NONRESPONSE_SENTENCES: tuple[str, ...] = (
     "The train to the coast leaves at noon on Sundays.",

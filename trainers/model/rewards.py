@@ -1,8 +1,9 @@
 """Sequence scores for PPO: a transparent rule for the built-in data, or a trained reward model.
 
 The rule rewards an answer for using the key words of the question (the built-in chosen answers
-reuse the topic's nouns) and penalises the stock phrases of unhelpful answers (the built-in rejected
-templates are vague, dismissive, refusing, off-topic or rude). It is meant for the embedded
+reuse the topic's nouns) and penalises the stock phrases of unhelpful answers (`UNHELPFUL_PHRASES`, kept
+beside the built-in rejected templates they come from: vague, dismissive, refusing, off-topic or
+rude). It is meant for the embedded
 default, where it separates chosen from rejected on ~all pairs (tests/trainers/model/test_rewards.py); on real
 data use a reward model.
 """
@@ -13,17 +14,14 @@ from typing import Callable, Sequence
 
 import torch
 
+from trainers.data.builtin_templates import UNHELPFUL_PHRASES
+
 STOPWORDS = frozenset("""
 about above after again against also because been before being below between both could does doing down during each
 from further have having here into itself just more most other ought over same should some such than that their theirs
 them then there these they this those through under until very what when where which while whom will with would your
 yours yourself want know need help please thanks thank really good make best tell like think something anything someone
 """.split())
-UNHELPFUL = ("depends on the situation", "many opinions", "everyone is different", "doesn't matter", "hard to say",
-             "overthink", "not really worth", "don't know", "why ask me", "not a big deal", "whatever", "meh,",
-             "sorry", "rather not", "can't give advice", "can't help", "not able to help", "don't think i should",
-             "did you know", "my favourite", "reminds me", "speaking of which", "let's talk about", "silly question",
-             "ugh,", "seriously?", "waste of my time", "can't believe", "embarrassing", "figure it out", "find your own way")
 WORD = re.compile(r"[a-z][a-z']+")
 
 
@@ -39,7 +37,7 @@ def rule_reward(prompt: str, response: str) -> float:
     wanted = key_words(prompt)
     used = wanted & set(WORD.findall(response.lower()))
     coverage = min(1.0, len(used) / max(1, min(4, len(wanted))))
-    unhelpful = any(phrase in response.lower() for phrase in UNHELPFUL)
+    unhelpful = any(phrase in response.lower() for phrase in UNHELPFUL_PHRASES)
     return coverage - (1.0 if unhelpful else 0.0)
 
 

@@ -28,3 +28,12 @@ def test_rule_reward_prefers_chosen_on_the_builtin_pairs():
     rejected = score([p.prompt for p in pairs], [p.rejected for p in pairs])
     accuracy = (chosen > rejected).float().mean().item()
     assert accuracy > 0.95, accuracy
+
+
+def test_every_rejected_template_carries_a_stock_phrase():
+    from trainers.data.builtin_templates import REJECTED, UNHELPFUL_PHRASES
+
+    missing = [t for t in REJECTED if not any(p in t.lower() for p in UNHELPFUL_PHRASES)]
+    assert missing == []
+    unused = [p for p in UNHELPFUL_PHRASES if not any(p in t.lower() for t in REJECTED)]
+    assert unused == []                                    # each phrase still comes from a template
