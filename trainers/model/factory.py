@@ -28,6 +28,9 @@ TINY_PYTHIA_SIZES: dict[str, TinyPythiaSize] = {
     "tiny-pythia-1m": TinyPythiaSize(hidden_size=96, num_hidden_layers=4, num_attention_heads=4),
     "tiny-pythia-4m": TinyPythiaSize(hidden_size=192, num_hidden_layers=6, num_attention_heads=6),
     "tiny-pythia-16m": TinyPythiaSize(hidden_size=384, num_hidden_layers=8, num_attention_heads=8),
+    # vLLM's CPU attention takes head_dim 32 or 64 only (1m has 24, 16m has 48; 4m's 32 works)
+    "tiny-pythia-2m": TinyPythiaSize(hidden_size=128, num_hidden_layers=6, num_attention_heads=4),
+    "tiny-pythia-16m-hd64": TinyPythiaSize(hidden_size=384, num_hidden_layers=8, num_attention_heads=6),
 }
 
 
