@@ -16,6 +16,7 @@ import ray
 
 from rollout.interface import RolloutBatch, SamplingParams
 from infra import storage
+from trainers.config import RolloutSettings
 from trainers.data.seeds import derive_seed
 
 
@@ -24,17 +25,11 @@ class RolloutError(RuntimeError):
 
 
 @dataclass
-class RolloutConfig:
+class RolloutConfig(RolloutSettings):
+    """The settings section of TrainConfig plus what the trial derives from the training run."""
     model: str = "tiny-pythia-1m"            # name or folder the actors load before the first sync
-    engine: str = "auto"                     # auto (vllm when CUDA and vllm are present), hf or vllm
-    num_actors: int = 2
-    cpus_per_actor: float = 0.2
-    gpus_per_actor: float = 0.0
     batch_size: int = 16
     seed: int = 0
-    timeout_s: float = 300.0                 # longest wait for any actor call (generation or weight load)
-    vllm_gpu_memory_utilization: float = 0.4
-    max_restarts: int = 3                    # an actor lost with its node comes back (start weights; the next sync updates it)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -4,7 +4,7 @@ One step: this rank's prompts go to the actor pool (which holds the policy's las
 the rollouts are scored (rule or reward model), the trainer recomputes log-probs and values itself
 (the engine's sampling log-probs are only compared: `ppo/logprob_mismatch`), per-token KL-penalised
 rewards give GAE advantages, then `ppo_epochs` passes of `ppo_minibatches` clipped updates. After
-the update rank 0 pushes the weights to the actors (every `rollout_sync_every` steps) and every rank
+the update rank 0 pushes the weights to the actors (every `rollout.sync_every` steps) and every rank
 waits for it, so the next rollouts come from the new policy; each rollout records its version.
 The math lives in `trainers.model.ppo_math` (pure functions); no Ray in this file except the pool's calls.
 """
@@ -153,7 +153,7 @@ class PPOTrainer(PolicyTrainer):
         metrics = mean_across_ranks(metrics)
         self.kl_controller.update(metrics["ppo/kl"], len(responses) * self.world_size)
         self.step += 1
-        if self.step % config.rollout_sync_every == 0:
+        if self.step % config.rollout.sync_every == 0:
             self.sync_weights()
         metrics["rollout/weight_sync_s"] = self.last_sync_s
         metrics["rollout/policy_version"] = float(self.policy_version)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rollout.interface import SamplingParams
-from trainers.config import TrainConfig
+from trainers.config import RolloutSettings, TrainConfig
 
 pytestmark = pytest.mark.ray
 
@@ -24,7 +24,7 @@ def ppo_run(builtin_probe_dir):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     config = TrainConfig(model="tiny-pythia-1m", loss="ppo", max_train_pairs=128, micro_batch_size=8, ppo_minibatches=2,
                          ppo_max_new_tokens=8, num_probe_prompts=4, greedy_max_tokens=6, probe_set_dir=builtin_probe_dir,
-                         lr=3e-3, warmup_steps=1, num_workers=1, rollout_actors=2, rollout_cpus_per_actor=0.5, rollout_sync_every=2,
+                         lr=3e-3, warmup_steps=1, num_workers=1, rollout=RolloutSettings(num_actors=2, cpus_per_actor=0.5, sync_every=2),
                          max_steps=6)
     pool = rollout_pool(config)
     trainer = PPOTrainer(config, pool=pool)
