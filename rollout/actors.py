@@ -14,10 +14,9 @@ from typing import Any, Mapping, Sequence
 
 import ray
 
-from rollout.interface import RolloutBatch, SamplingParams
+from rollout.interface import RolloutBatch, SamplingParams, gather_shares, generate_share, split_request
 from infra import storage
 from trainers.config import RolloutSettings
-from trainers.data.seeds import derive_seed
 
 
 class RolloutError(RuntimeError):
@@ -71,12 +70,7 @@ class RolloutActor:
         self.engine = build_engine(self.config, seed=self.config.seed)  # same start weights on every actor
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
-        started = time.perf_counter()
-        if params.seed is not None:  # actors draw different streams from one request seed
-            params = replace(params, seed=derive_seed(self.index, params.seed))  # = seed + stride * index
-        batch = self.engine.generate(prompt_ids, params)
-        batch.info = {"actor": self.index, "seconds": time.perf_counter() - started}
-        return batch
+        return generate_share(self.engine, self.index, prompt_ids, params)
 
     def load_weights(self, state_dict: Mapping[str, Any], version: int) -> int:
         self.engine.load_weights(state_dict, version)
@@ -125,17 +119,10 @@ class RolloutPool:
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
         """Contiguous chunks, one per actor, reassembled in the prompts' order."""
-        if not prompt_ids:
-            raise ValueError("no prompts to generate for")
-        n = len(self.actors)
-        bounds = [round(i * len(prompt_ids) / n) for i in range(n + 1)]
-        refs = [actor.generate.remote(list(prompt_ids[a:b]), params)
-                for actor, a, b in zip(self.actors, bounds, bounds[1:]) if b > a]
+        refs = [self.actors[i].generate.remote(list(prompt_ids[a:b]), params)
+                for i, a, b in split_request(len(prompt_ids), len(self.actors))]
         started = time.perf_counter()
-        parts = self._get(refs, "generation")
-        batch = RolloutBatch.concat(parts)
-        batch.info = {"seconds": time.perf_counter() - started, "actors": len(parts)}
-        return batch
+        return gather_shares(self._get(refs, "generation"), started)
 
     def sync_weights(self, state_dict: Mapping[str, Any], version: int) -> float:
         """Push weights to every actor (one object-store copy); returns the seconds it took."""

@@ -7,8 +7,11 @@ trainer recomputes log-probs for the PPO ratio and logs the gap as `ppo/logprob_
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Protocol, Sequence
+
+from trainers.data.seeds import derive_seed
 
 
 @dataclass(frozen=True)
@@ -70,3 +73,45 @@ class GenerationEngine(Protocol):
     def score(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> list[list[float]]:
         """log p of each given response token under the engine's current weights (checks a sync)."""
         ...
+
+
+class RolloutPoolLike(Protocol):
+    """What a trainer calls on its rollouts: the Ray actors (rollout.actors.RolloutPool) or engines in
+    this process (rollout.local_pool.LocalRolloutPool)."""
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch: ...
+
+    def sync_weights(self, state_dict: Mapping[str, Any], version: int) -> float: ...
+
+    def score(self, prompt_ids, response_ids, actor: int = 0) -> list[list[float]]: ...
+
+    def versions(self) -> list[int]: ...
+
+    def shutdown(self) -> None: ...
+
+
+def split_request(n_prompts: int, n_engines: int) -> list[tuple[int, int, int]]:
+    """(engine, start, stop) of each engine's contiguous share of a request, of near-equal size; an
+    engine with nothing to do is left out. Both pools split the same way, so they give the same rollouts."""
+    if not n_prompts:
+        raise ValueError("no prompts to generate for")
+    bounds = [round(i * n_prompts / n_engines) for i in range(n_engines + 1)]
+    return [(i, a, b) for i, (a, b) in enumerate(zip(bounds, bounds[1:])) if b > a]
+
+
+def generate_share(engine: GenerationEngine, index: int, prompt_ids: Sequence[Sequence[int]],
+                   params: SamplingParams) -> RolloutBatch:
+    """Engine `index`'s share of a request: its own random stream of the request's seed, and its time."""
+    started = time.perf_counter()
+    if params.seed is not None:  # engines draw different streams from one request seed
+        params = replace(params, seed=derive_seed(index, params.seed))
+    batch = engine.generate(prompt_ids, params)
+    batch.info = {"actor": index, "seconds": time.perf_counter() - started}
+    return batch
+
+
+def gather_shares(parts: Sequence[RolloutBatch], started: float) -> RolloutBatch:
+    """The shares of one request, in order, as one batch timed from `started`."""
+    batch = RolloutBatch.concat(parts)
+    batch.info = {"seconds": time.perf_counter() - started, "actors": len(parts)}
+    return batch

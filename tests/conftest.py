@@ -1,4 +1,4 @@
-"""Shared fixtures. Ray is started at most once per module that needs it (start-up costs seconds)."""
+"""Shared fixtures. Ray is started at most once per module that needs it (start-up costs seconds): `local_ray`."""
 from __future__ import annotations
 
 import os
@@ -36,3 +36,17 @@ def builtin_probe_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("probes")
     probe_set.save(directory)
     return str(directory)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A fresh local Ray on loopback (2 CPUs, no dashboard) for the tests of one module, shut down after them.
+
+    The one copy of the tests' `ray.init`; sweeps start their own through `sweeps.driver.start_ray`."""
+    import ray
+
+    if ray.is_initialized():  # left over by an earlier module: start clean
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

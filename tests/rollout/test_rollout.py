@@ -81,15 +81,28 @@ def test_auto_engine_is_hf_without_cuda_and_vllm():
         resolve_engine("tgi")
 
 
-@pytest.fixture(scope="module")
-def pool():
-    import ray
+def test_the_in_process_pool_splits_and_seeds_as_the_actors_do(engine):
+    """Engine i gets the i-th contiguous share and the stream derive_seed(i, seed), as actor i would."""
+    from rollout.local_pool import LocalRolloutPool
+    from trainers.data.seeds import derive_seed
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ids = _ids(engine.tokenizer)
+    pool = LocalRolloutPool.from_pretrained(MODEL, num_engines=2, batch_size=2)
+    params = SamplingParams(max_new_tokens=6, seed=4)
+    batch = pool.generate(ids, params)
+    first = engine.generate(ids[:2], SamplingParams(max_new_tokens=6, seed=derive_seed(0, 4)))
+    second = engine.generate(ids[2:], SamplingParams(max_new_tokens=6, seed=derive_seed(1, 4)))
+    assert batch.token_ids == first.token_ids + second.token_ids and batch.info["actors"] == 2
+    assert pool.versions() == [0, 0]
+    with pytest.raises(ValueError, match="no prompts"):
+        pool.generate([], params)
+
+
+@pytest.fixture(scope="module")
+def pool(local_ray):
     pool = RolloutPool(RolloutConfig(model=MODEL, num_actors=2, cpus_per_actor=0.5, batch_size=4, timeout_s=120))
     yield pool
     pool.shutdown()
-    ray.shutdown()
 
 
 @pytest.mark.ray

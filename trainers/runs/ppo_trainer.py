@@ -6,7 +6,8 @@ the rollouts are scored (rule or reward model), the trainer recomputes log-probs
 rewards give GAE advantages, then `ppo_epochs` passes of `ppo_minibatches` clipped updates. After
 the update rank 0 pushes the weights to the actors (every `rollout.sync_every` steps) and every rank
 waits for it, so the next rollouts come from the new policy; each rollout records its version.
-The math lives in `trainers.model.ppo_math` (pure functions); no Ray in this file except the pool's calls.
+The math lives in `trainers.model.ppo_math` (pure functions). No Ray in this file: the pool is the Ray
+actor pool (rollout.actors) or, by default, HF engines in this process (rollout.local_pool).
 """
 from __future__ import annotations
 
@@ -15,8 +16,7 @@ import time
 import torch
 from torch import nn
 
-from rollout.actors import RolloutPool
-from rollout.interface import SamplingParams
+from rollout.interface import RolloutPoolLike, SamplingParams
 from trainers.data.collate import collate_sequences
 from trainers.data.seeds import derive_seed, rank_seed
 from trainers.config import TrainConfig
@@ -68,9 +68,12 @@ def reference_logps(reference, batch: dict, lengths: list[int]) -> torch.Tensor:
 
 class PPOTrainer(PolicyTrainer):
     def __init__(self, config: TrainConfig, rank: int = 0, world_size: int = 1, wrap_model=None,
-                 pool: RolloutPool | None = None):
-        if pool is None:
-            raise ValueError("PPO needs a rollout actor pool (rollout.actors.RolloutPool)")
+                 pool: RolloutPoolLike | None = None):
+        if pool is None:  # no Ray: one HF engine in this process, from the policy's start weights
+            from rollout.local_pool import LocalRolloutPool
+
+            pool = LocalRolloutPool.from_pretrained(config.init_checkpoint or config.model, seed=config.seed,
+                                                    batch_size=config.micro_batch_size)
         super().__init__(config, rank, world_size, wrap_model, pool=pool)
         self.reward_fn = make_reward_fn(config.reward, self.tokenizer)
         self.kl_controller = (AdaptiveKLController(config.ppo_kl_coef, config.ppo_target_kl, config.ppo_kl_horizon)
