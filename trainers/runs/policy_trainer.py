@@ -27,6 +27,7 @@ from trainers.data.collate import load_training_pairs
 from trainers.data.seeds import derive_seed
 from trainers.config import TrainConfig
 from trainers.runs.evaluation import evaluate_probes, summarize_records, tokenize_probe_set
+from trainers.runs.grad_alignment import probe_category_cosines
 from trainers.model.factory import load_model_and_tokenizer
 from trainers.model import lora
 from trainers.model.objectives import compute_loss
@@ -234,7 +235,21 @@ class PolicyTrainer:
                                   sample_seed=derive_seed(self.config.seed, self.step),
                                   prompts_per_batch=self.config.probe_batch_prompts, decodes=self.policy_decodes())
         records = gather_records(records)
-        return summarize_records(records), records
+        summary = summarize_records(records)
+        if self.strategy is None and self.config.loss != "ppo":  # ZeRO partitions the parameters; PPO's loss needs rollouts
+            summary.update(self.grad_alignment())
+        return summary, records
+
+    def grad_alignment(self, num_prompts: int = 4) -> dict[str, float]:
+        """`grad_cos/<category>`: does the update of this rank's next micro-batch raise (> 0) or lower (< 0)
+        each static category, summed over the first probe prompts (trainers.runs.grad_alignment)."""
+        indices = self.batches.batch(self.step * self.config.grad_accum_steps)
+        model = self.language_model()  # unwrapped: autograd.grad through DDP would leave its reducer waiting
+        loss = lambda: compute_loss(self.config, model, [self.pairs[i] for i in indices], self.tokenizer.pad_token_id,  # noqa: E731
+                                    self.reference_model, self._reference_for(indices))[0]
+        responses = {c: self.probes.response_ids[c][:num_prompts] for c in self.probes.categories}
+        return probe_category_cosines(model, loss, self.probes.prompt_ids[:num_prompts], responses,
+                                      self.tokenizer.pad_token_id)
 
     def policy_decodes(self):
         """greedy and sample of this rank's probe prompts from the rollout actors (synced to this step

@@ -50,7 +50,8 @@ def test_dpo_starts_at_log2_and_every_parameter_moves(builtin_probe_dir):
     assert len(records) == 4 * len(categories)
     assert all(r["num_tokens"] > 0 and r["logp_sum"] < 0 for r in records)
     assert set(summary) == {f"{p}/{c}" for p in ("logp", "logp_tok", "argmax_logp", "entropy", "peak_gap")
-                            for c in categories}
+                            for c in categories} | {f"grad_cos/{c}" for c in trainer.probes.categories}
+    assert all(-1 <= summary[f"grad_cos/{c}"] <= 1 for c in trainer.probes.categories)
     for r in records:  # the per-token values add up to the summed log-prob (probes.token_views reads them)
         assert len(r["token_ids"]) == len(r["token_texts"]) == len(r["token_logps"]) == r["num_tokens"]
         assert sum(r["token_logps"]) == pytest.approx(r["logp_sum"], abs=1e-4)
