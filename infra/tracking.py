@@ -129,6 +129,11 @@ class Tracker:
     def run(self, run_id: str):
         return self.client.get_run(run_id)
 
+    def log_manifest(self, run_id: str, manifest: Mapping[str, Any]) -> None:
+        """The reproducibility manifest (infra.manifest) as `manifest.json` and as flat `manifest.*` params."""
+        self.log_text(run_id, json.dumps(manifest, indent=2, sort_keys=True), "manifest.json")
+        self.log_params(run_id, {"manifest": dict(manifest)})
+
     def list_artifacts(self, run_id: str, path: str | None = None) -> list[str]:
         """Artifact paths (relative to the run's root) directly under `path`."""
         return [item.path for item in self.client.list_artifacts(run_id, path)]
