@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from trainers.model.pretrained import MissingPackageError
+
 ADAPTER_DIR = "lora_adapter"
 INSTALL_HINT = "pip install -e '.[lora]'"
 
@@ -30,11 +32,12 @@ def target_modules(spec: str) -> str | list[str]:
     return [name.strip() for name in spec.split(",") if name.strip()]
 
 
-def _peft():
+def require_peft():
+    """The peft module, or one line naming the install command (the sweep driver calls this before it starts)."""
     try:
         import peft
     except ImportError:
-        raise ImportError(f"--lora-rank > 0 needs the peft package (not installed): run {INSTALL_HINT}") from None
+        raise MissingPackageError(f"--lora-rank needs the peft package (not installed): run {INSTALL_HINT}") from None
     return peft
 
 
@@ -45,7 +48,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: str, seed: in
     rank and every resumed run builds the same start."""
     if rank == 0:
         return model
-    peft = _peft()
+    peft = require_peft()
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules(targets), lora_dropout=0.0,
                              bias="none", task_type=peft.TaskType.CAUSAL_LM)
     with torch.random.fork_rng(devices=[]):

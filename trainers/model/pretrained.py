@@ -50,13 +50,14 @@ class MissingPackageError(RuntimeError):
 
 def _require(name: str, spec: PackagedModel) -> Path:
     """The GGUF file of `spec`, after checking every package the conversion needs."""
-    missing = [module for module in (spec.module, "gguf", "accelerate") if importlib.util.find_spec(module) is None]
+    needed = {spec.module: spec.package, "gguf": "gguf", "accelerate": "accelerate"}  # import name: pip name
+    missing = [package for module, package in needed.items() if importlib.util.find_spec(module) is None]
     if missing:
-        raise MissingPackageError(f"model {name!r} needs the packages {missing} (not installed): run {INSTALL_HINT}")
+        raise MissingPackageError(f"--model {name} needs the packages {missing} (not installed): run {INSTALL_HINT}")
     folder = importlib.util.find_spec(spec.module).submodule_search_locations[0]
     path = Path(folder) / spec.gguf_file
     if not path.is_file():
-        raise MissingPackageError(f"model {name!r}: {spec.package} is installed but lacks {spec.gguf_file}; "
+        raise MissingPackageError(f"--model {name}: {spec.package} is installed but lacks {spec.gguf_file}; "
                                   f"reinstall it with {INSTALL_HINT}")
     return path
 

@@ -76,8 +76,22 @@ def test_missing_package_is_one_line_naming_the_install_command(monkeypatch):
         with pytest.raises(pretrained.MissingPackageError) as error:
             load("absent-model")
         message = str(error.value)
-        assert "\n" not in message and "absent-model" in message and "probesweep_absent_module" in message
+        assert "\n" not in message and "absent-model" in message and "probesweep-absent-package" in message
         assert pretrained.INSTALL_HINT in message
+
+
+def test_sweep_stops_in_one_line_before_training_without_the_package(monkeypatch, tmp_path, capsys):
+    from sweeps import sft
+
+    monkeypatch.setitem(pretrained.PRETRAINED_MODELS, "absent-model", pretrained.PackagedModel(
+        package="probesweep-absent-package", module="probesweep_absent_module", gguf_file="x.gguf", description=""))
+    with pytest.raises(SystemExit) as stop:
+        sft.main(["--model", "absent-model", "--storage-path", str(tmp_path / "runs"),
+                  "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--max-steps", "2"])
+    message = str(stop.value.code)
+    assert message.startswith("error: --model absent-model needs") and "\n" not in message
+    assert pretrained.INSTALL_HINT in message
+    assert not (tmp_path / "runs" / "sft").exists()  # nothing of the sweep was written
 
 
 def test_unknown_model_names_the_builtin_pretrained_one():
