@@ -27,6 +27,8 @@ from infra import storage as store
 from trainers.config import TrainConfig
 from trainers.data.pairs import load_preference_data
 from trainers.model.factory import load_tokenizer
+from trainers.model.lora import require_peft
+from trainers.model.pretrained import MissingPackageError
 
 STATE_FILE = "sweep_state.json"
 # set on the driver, needed by every node to reach the same object store (no secrets: credentials stay with each node)
@@ -165,8 +167,13 @@ def run_sweep(config: SweepConfig, param_space: dict) -> SweepOutcome:
 
     print(f"preparing tokenizer, data and probe set ({config.train.dataset}) ...", flush=True)
     searched = searched_values(param_space)
-    for model in searched.get("model", [config.train.model]):
-        load_tokenizer(model)  # builds and caches the built-in tokenizer once, before workers race for it
+    try:  # a missing optional package (smollm2-135m, LoRA) stops the sweep here, in one line
+        for model in searched.get("model", [config.train.model]):
+            load_tokenizer(model)  # builds and caches the built-in tokenizer (or smollm2-135m's folder) once, before workers race for it
+        if config.train.lora_rank:
+            require_peft()
+    except MissingPackageError as error:
+        raise SystemExit(f"error: {error}") from None
     num_pairs = check_training_data(config.train)
     probe_set, probe_dir = prepare_probe_set(config.train, storage)
     config = replace(config, train=replace(config.train, probe_set_dir=probe_dir))
