@@ -63,3 +63,15 @@ def build_manifest(*, data_hash: str | None = None, probe_set_hash: str | None =
         "dtypes": dict(dtypes or {}),
         "devices": dict(devices or {}),
     }
+
+
+def content_hash(texts) -> str:
+    """sha256 (first 16 hex digits) over texts in order: a data set's fingerprint for the manifest."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for text in texts:
+        encoded = str(text).encode("utf-8")
+        digest.update(len(encoded).to_bytes(8, "little"))
+        digest.update(encoded)
+    return digest.hexdigest()[:16]

@@ -18,6 +18,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from probes.plots import plot_category_curves
 from probes.token_records import log_probe_records
+from sweeps.run_manifest import trial_manifest
 from sweeps.search import SEARCHABLE, TRAIN_FIELDS, warmup_key
 from infra.tracking import Tracker
 from infra import storage as store
@@ -140,6 +141,7 @@ def run_trial(trial_config: dict) -> None:
             parent_run_id=ctx["parent_run_id"],
         )
         tracker.log_text(run_id, yaml.safe_dump(train, sort_keys=True), "config/resolved_config.yaml")
+        tracker.log_manifest(run_id, trial_manifest(train, ctx["probe_set_hash"]))  # manifest.json + manifest.* params
 
     trial_dir_name = f"{ctx['stage']}-{trial_id}"
     final_model_dir = (ctx.get("final_model_dirs", {}).get(warmup_key(train["model"], recipe_of(searched, ctx)))
