@@ -88,10 +88,14 @@ class Tracker:
         self.log_metrics_by_step(run_id, [(step, metrics)])
 
     def log_metrics_by_step(self, run_id: str, rows: Iterable[tuple[int, Mapping[str, float]]]) -> None:
-        """Many steps' metrics in one `log_batch` (one write under SQLite contention); non-finite values are dropped."""
+        """Many steps' metrics in one `log_batch` (one write under SQLite contention).
+
+        A non-finite value is logged as NaN (MLflow would store inf as the largest float), so a
+        diverged curve shows where it broke instead of silently ending early."""
         now = int(time.time() * 1000)
-        batch = [Metric(clean_key(k), float(v), now, int(step)) for step, metrics in rows for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        batch = [Metric(clean_key(k), float(v) if math.isfinite(float(v)) else math.nan, now, int(step))
+                 for step, metrics in rows for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
         for start in range(0, len(batch), 1000):  # MLflow's per-batch metric limit
             self.client.log_batch(run_id, metrics=batch[start:start + 1000])
 

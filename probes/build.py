@@ -27,10 +27,11 @@ import logging
 import os
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from infra.cli import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Parser, Range, add_settings, check_ranges, setting
 from probes.gemini import (BudgetExhausted, GeminiError, GeminiOptions, GeminiReplies, GeminiUnreachable,
                            api_key_from_env, redact, safe_url)
 from probes.local_generator import LocalLMReplies, RuleBasedReplies, SentenceReplies
@@ -51,40 +52,42 @@ class ProbeBuildError(RuntimeError):
 
 @dataclass
 class BuildConfig:
-    output: str
-    dataset: str = "builtin"
-    split: str = "test"
-    num_prompts: int = 32
-    seed: int = 0
-    generator: str = "auto"
-    model_name: str = "gemini-2.5-flash"
-    base_url: str | None = None
-    templates: str | None = None            # a YAML file replacing any of the default templates
-    max_requests: int | None = None
-    concurrency: int = 4
-    timeout_s: float = 60.0
-    max_retries: int = 6
-    backoff_initial_s: float = 1.0
-    backoff_max_s: float = 60.0
-    temperature: float = 0.9
-    max_output_tokens: int = 512
-    thinking_budget: int | None = 0
-    price_input_per_m: float = 0.30
-    price_output_per_m: float = 2.50
-    max_attempts: int = 3
-    length_slack: float = 1.5
-    max_failure_fraction: float = 0.1
-    cache_dir: str | None = None            # default: $PROBESWEEP_CACHE/llm_replies (~/.cache/probesweep/...)
-    local_model: str = "tiny-pythia-1m"
-    local_max_new_tokens: int = 64
-    max_rows: int | None = None
-    skip_bad_rows: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    tracking_uri: str | None = None
-    experiment_name: str = "probesweep-probe-sets"
+    output: str = field(metadata={"help": "folder for probes.jsonl and manifest.json (load it with --probe-set-dir)", "required": True})
+    dataset: str = setting("builtin", "'builtin', a hub name[:data_dir] or a .jsonl/.json/.parquet file")
+    split: str = setting("test", "data split the prompts come from")
+    num_prompts: int = setting(32, "prompts to select (at least 2)", range=Range(2))
+    seed: int = setting(0, "prompt selection and sampling seed", range=NON_NEGATIVE)
+    generator: str = setting("auto", "who writes paraphrases, variants and non-responses (auto: gemini if a key is set)", choices=GENERATORS)
+    # Gemini
+    model_name: str = setting("gemini-2.5-flash", "Gemini model", group="Gemini")
+    base_url: str | None = setting(None, "API base URL (a proxy or a test server)", group="Gemini")
+    templates: str | None = setting(None, "YAML file replacing prompt templates / max_words", group="Gemini")
+    max_requests: int | None = setting(None, "stop after this many requests (retries included); cached replies are kept", range=AT_LEAST_1, group="Gemini")
+    concurrency: int = setting(4, "requests in flight", range=AT_LEAST_1, group="Gemini")
+    timeout_s: float = setting(60.0, "seconds per request", range=POSITIVE, flag="--timeout", group="Gemini")
+    max_retries: int = setting(6, "retries per request on 429 / 5xx / timeouts", range=NON_NEGATIVE, group="Gemini")
+    backoff_initial_s: float = setting(1.0, "first retry wait in seconds", range=NON_NEGATIVE, flag="--backoff-initial", group="Gemini")
+    backoff_max_s: float = setting(60.0, "longest retry wait in seconds", range=NON_NEGATIVE, flag="--backoff-max", group="Gemini")
+    temperature: float = setting(0.9, "sampling temperature of the replies", range=NON_NEGATIVE, group="Gemini")
+    max_output_tokens: int = setting(512, "reply length limit in tokens", range=AT_LEAST_1, group="Gemini")
+    thinking_budget: int | None = setting(0, "thinking tokens per reply (0: off); -1: leave it to the model", range=Range(-1), group="Gemini")
+    price_input_per_m: float = setting(0.30, "USD per 1M input tokens, for the cost estimate", range=NON_NEGATIVE, group="Gemini")
+    price_output_per_m: float = setting(2.50, "USD per 1M output (and thinking) tokens", range=NON_NEGATIVE, group="Gemini")
+    max_attempts: int = setting(3, "tries per probe", range=AT_LEAST_1, group="validation")
+    length_slack: float = setting(1.5, "a reply may have max_words x this many words (at least 1)", range=Range(1), group="validation")
+    max_failure_fraction: float = setting(0.1, "refuse the probe set if more of any category failed", range=Range(0, 1), group="validation")
+    cache_dir: str | None = setting(None, "reply cache folder (default: $PROBESWEEP_CACHE/llm_replies, ~/.cache/probesweep/...)", group="Gemini")
+    local_model: str = setting("tiny-pythia-1m", "causal LM of --generator local on non-built-in data", group="other")
+    local_max_new_tokens: int = setting(64, "tokens the local LM writes per probe", range=AT_LEAST_1, group="other")
+    max_rows: int | None = setting(None, "read at most this many data rows", range=AT_LEAST_1, group="other")
+    skip_bad_rows: bool = setting(False, "skip malformed data rows instead of stopping at the first", group="other")
+    overwrite: bool = setting(False, "replace a different probe set already in --output", group="other")
+    progress: bool = setting(True, "no progress bar", flag="--no-progress", negate=True, group="other")
+    tracking_uri: str | None = setting(None, "also log the build to this MLflow store", group="other")
+    experiment_name: str = setting("probesweep-probe-sets", "MLflow experiment of the build", group="other")
 
     def __post_init__(self):
+        check_ranges(self)
         if self.generator not in GENERATORS:
             raise ValueError(f"generator must be one of {GENERATORS}, got {self.generator!r}")
         if self.num_prompts < 2:
@@ -322,68 +325,27 @@ def _summary(result: BuildResult) -> str:
     return "\n".join(lines)
 
 
-def parser() -> argparse.ArgumentParser:
-    d = BuildConfig(output="")
-    p = argparse.ArgumentParser(
+def parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, ...]]]:
+    """The shared parser builder over BuildConfig (flags, help and ranges from its fields)."""
+    p = Parser(
         prog="python -m probes.build",
         description="Build a probe set (all static categories) with LLM-written, locally generated or rule-based "
                     "paraphrases, variants and non-responses. The Gemini key is read from GEMINI_API_KEY or "
                     "GOOGLE_API_KEY, never from a flag.")
-    a = p.add_argument
-    a("--dataset", default=d.dataset, help="'builtin', a hub name[:data_dir] or a .jsonl/.json/.parquet file")
-    a("--split", default=d.split, help="data split the prompts come from (default: %(default)s)")
-    a("--num-prompts", type=int, default=d.num_prompts, help="prompts to select (default: %(default)s)")
-    a("--output", required=True, help="folder for probes.jsonl and manifest.json (load it with --probe-set-dir)")
-    a("--generator", choices=GENERATORS, default=d.generator,
-      help="who writes paraphrases, variants and non-responses (default: %(default)s: gemini if a key is set)")
-    a("--seed", type=int, default=d.seed, help="prompt selection and sampling seed (default: %(default)s)")
-    g = p.add_argument_group("Gemini")
-    g.add_argument("--model-name", default=d.model_name, help="Gemini model (default: %(default)s)")
-    g.add_argument("--base-url", default=d.base_url, help="API base URL (a proxy or a test server)")
-    g.add_argument("--templates", default=d.templates, help="YAML file replacing prompt templates / max_words")
-    g.add_argument("--max-requests", type=int, default=d.max_requests,
-                   help="stop after this many requests (retries included); cached replies are kept")
-    g.add_argument("--concurrency", type=int, default=d.concurrency, help="requests in flight (default: %(default)s)")
-    g.add_argument("--timeout", dest="timeout_s", type=float, default=d.timeout_s, help="seconds per request")
-    g.add_argument("--max-retries", type=int, default=d.max_retries,
-                   help="retries per request on 429 / 5xx / timeouts (default: %(default)s)")
-    g.add_argument("--backoff-initial", dest="backoff_initial_s", type=float, default=d.backoff_initial_s)
-    g.add_argument("--backoff-max", dest="backoff_max_s", type=float, default=d.backoff_max_s)
-    g.add_argument("--temperature", type=float, default=d.temperature)
-    g.add_argument("--max-output-tokens", type=int, default=d.max_output_tokens)
-    g.add_argument("--thinking-budget", type=int, default=d.thinking_budget,
-                   help="thinking tokens per reply (default 0: off); -1: leave it to the model")
-    g.add_argument("--price-input-per-m", type=float, default=d.price_input_per_m,
-                   help="USD per 1M input tokens, for the cost estimate (default: %(default)s)")
-    g.add_argument("--price-output-per-m", type=float, default=d.price_output_per_m,
-                   help="USD per 1M output (and thinking) tokens (default: %(default)s)")
-    g.add_argument("--cache-dir", default=d.cache_dir, help="reply cache folder (default: $PROBESWEEP_CACHE/llm_replies)")
-    v = p.add_argument_group("validation")
-    v.add_argument("--max-attempts", type=int, default=d.max_attempts, help="tries per probe (default: %(default)s)")
-    v.add_argument("--length-slack", type=float, default=d.length_slack,
-                   help="a reply may have max_words x this many words (default: %(default)s)")
-    v.add_argument("--max-failure-fraction", type=float, default=d.max_failure_fraction,
-                   help="refuse the probe set if more of any category failed (default: %(default)s)")
-    o = p.add_argument_group("other")
-    o.add_argument("--local-model", default=d.local_model,
-                   help="causal LM of --generator local on non-built-in data (default: %(default)s)")
-    o.add_argument("--local-max-new-tokens", type=int, default=d.local_max_new_tokens,
-                   help="tokens the local LM writes per probe (default: %(default)s)")
-    o.add_argument("--max-rows", type=int, default=d.max_rows, help="read at most this many data rows")
-    o.add_argument("--skip-bad-rows", action="store_true")
-    o.add_argument("--overwrite", action="store_true", help="replace a different probe set already in --output")
-    o.add_argument("--no-progress", dest="progress", action="store_false")
-    o.add_argument("--tracking-uri", default=d.tracking_uri, help="also log the build to this MLflow store")
-    o.add_argument("--experiment-name", default=d.experiment_name)
-    return p
+    return p, add_settings(p, BuildConfig, "probe set")
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> BuildConfig:
-    args = vars(parser().parse_args(argv))
-    if args.get("thinking_budget") is not None and args["thinking_budget"] < 0:
-        args["thinking_budget"] = None
-    names = {f.name for f in fields(BuildConfig)}
-    return BuildConfig(**{k: v for k, v in args.items() if k in names})
+    p, paths = parser()
+    args = vars(p.parse_args(argv))
+    values = {paths[k][0]: v for k, v in args.items()}
+    try:
+        config = BuildConfig(**values)
+    except (ValueError, TypeError) as error:
+        p.error(str(error))
+    if config.thinking_budget is not None and config.thinking_budget < 0:
+        config = replace(config, thinking_budget=None)
+    return config
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,18 +3,25 @@
 Curves are plotted as the change from the first evaluation (Δ log p), one panel per category,
 like the seed study's figure, so categories with very different absolute log-probs share a scale
 of "how much did training move this".
+
+Figures are made with `matplotlib.figure.Figure` directly: no pyplot state and no backend chosen
+or forced (importing this module changes nothing for a caller's own plots), and matplotlib is
+imported only when a figure is drawn.
 """
 from __future__ import annotations
 
 import math
 from typing import Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 Curve = Sequence[tuple[int, float]]
+
+
+def _figure_and_axes(rows: int, columns: int, figsize: tuple[float, float], **kwargs):
+    """A Figure with a grid of axes, like pyplot.subplots but without pyplot (renders with Agg when saved)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(rows, columns, squeeze=False, **kwargs)
 
 
 def delta(curve: Curve) -> list[tuple[int, float]]:
@@ -29,7 +36,7 @@ def plot_category_curves(runs: Mapping[str, Mapping[str, Curve]], title: str = "
     categories = sorted({c for curves in runs.values() for c, points in curves.items() if points})
     columns = min(4, max(1, len(categories)))
     rows = max(1, math.ceil(len(categories) / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.9 * rows), squeeze=False, sharex=True)
+    figure, axes = _figure_and_axes(rows, columns, (3.6 * columns, 2.9 * rows), sharex=True)
     for index, category in enumerate(categories):
         axis = axes[index // columns][index % columns]
         for label, curves in runs.items():
@@ -50,6 +57,12 @@ def plot_category_curves(runs: Mapping[str, Mapping[str, Curve]], title: str = "
     return figure
 
 
+def _colors() -> list[str]:
+    from matplotlib import rcParams
+
+    return rcParams["axes.prop_cycle"].by_key()["color"]
+
+
 def _number(value) -> float:
     return float("nan") if value is None else float(value)
 
@@ -68,12 +81,12 @@ def plot_sweep_comparison(table: Sequence[Mapping], x: str, group_by: Sequence[s
     panels = list(categories) + [score]
     columns = 3
     rows = math.ceil(len(panels) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
+    figure, axes = _figure_and_axes(rows, columns, (4.2 * columns, 3.0 * rows))
     xs_all = [r[x] for r in table if isinstance(r[x], (int, float))]
     log_x = bool(xs_all) and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10
     for index, panel in enumerate(panels):
         axis = axes[index // columns][index % columns]
-        for color, (label, members) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 8, groups.items()):
+        for color, (label, members) in zip(_colors() * 8, groups.items()):
             members = sorted(members, key=lambda r: r[x])
             xs = [r[x] for r in members]
             if panel == score:

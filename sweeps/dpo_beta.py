@@ -16,14 +16,20 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sweeps.config import parse_config  # noqa: E402
-from sweeps.driver import run_entry_point  # noqa: E402
+from sweeps.config import EntryPoint, SweepConfig  # noqa: E402
+from sweeps.driver import run  # noqa: E402
+from trainers.config import preference_losses  # noqa: E402
+
+ENTRY = EntryPoint(
+    prog="sweeps/dpo_beta.py", description=__doc__, defaults=SweepConfig(),
+    losses=preference_losses(),
+    searched=("beta", "lr", "loss", "seed", "sft_recipe"),
+    fixed={"models": "dpo_beta.py trains one --model; sweeps/model_size.py sweeps models"},
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(argv, __doc__)
-    return run_entry_point(config, {"beta": config.betas, "lr": config.sweep_lrs(), "loss": config.losses,
-                                  "seed": config.seeds, "sft_recipe": config.sft_recipes})
+    return run(ENTRY, argv)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ A sweep is two Tune stages under one MLflow parent run: a shared SFT warm-up per
 once, cached by its recipe, reused by every trial and by later sweeps) and the searched trials that
 start from it. The driver prepares everything a trial needs exactly once (tokenizer, data check,
 probe set, reference log-probs), then only orchestrates; training happens in Ray Train workers.
-`--resume` reopens the sweep's parent run and restores its Tune stages.
+`--resume` reopens the sweep's parent run and restores its Tune stages; an existing sweep name is
+refused without it (or --overwrite). torch, transformers, MLflow and Ray are imported inside the
+functions that use them, so an entry point's `--help` and its flag checks stay fast.
 """
 from __future__ import annotations
 
@@ -14,21 +16,22 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import yaml
 
 from probes.builtin_generators import RuleBasedGenerator
 from probes.probe_set import ProbeSet, cached_probe_set_dir
-from sweeps.config import SweepConfig
+from sweeps.config import EntryPoint, SweepConfig, parse_config
+from sweeps.context import CATEGORIES, TrialContext
 from sweeps.search import search_space, searched_values, warmup_key
-from sweeps.stages import run_stage, shared_reference_logps, shared_sft_warmups
-from sweeps.summary import CATEGORIES, print_outcome, summarize_sweep  # noqa: F401  (print_outcome: entry points)
-from infra.tracking import Tracker, configure_quiet_logging, default_tracking_uri
+from sweeps.stages import run_stage, shared_reference_logps, shared_sft_warmups, unsatisfiable_resources
 from infra import storage as store
 from trainers.config import TrainConfig
 from trainers.data.pairs import load_preference_data
-from trainers.model.factory import load_tokenizer
-from trainers.model.lora import require_peft
-from trainers.model.pretrained import MissingPackageError
+
+if TYPE_CHECKING:
+    from infra.tracking import Tracker
 
 STATE_FILE = "sweep_state.json"
 # set on the driver, needed by every node to reach the same object store (no secrets: credentials stay with each node)
@@ -41,7 +44,7 @@ class SweepOutcome:
     experiment_name: str
     parent_run_id: str
     trial_run_ids: list[str]
-    failed_trials: list[str]
+    failed_trials: list[str]     # one line per failed trial: which one, and why
     summary: list[dict]
 
 
@@ -113,7 +116,22 @@ def check_training_data(train: TrainConfig) -> int:
     return len(data.pairs)
 
 
-def open_parent_run(tracker: Tracker, config: SweepConfig, storage: str, probe_set: ProbeSet, probe_dir: str,
+def check_before_start(config: SweepConfig, storage: str, searched: dict[str, list]) -> None:
+    """Refusals that need the storage or the machine, before anything is prepared or started: an
+    existing sweep name without --resume/--overwrite, resources a local Ray can never provide."""
+    state_path = store.join(storage, config.name, STATE_FILE)
+    if not config.resume and not config.overwrite and store.exists(state_path):
+        raise SystemExit(f"error: --name {config.name!r}: a sweep of that name already exists under {storage} "
+                         f"({STATE_FILE}); pass --resume to continue it, --overwrite to start it afresh, or another --name")
+    if not (config.address or os.environ.get("RAY_ADDRESS")):
+        capacity = config.num_cpus or os.cpu_count() or 1
+        problem = unsatisfiable_resources(config, searched.get("model", [config.train.model]),
+                                          searched.get("loss", [config.train.loss]), capacity)
+        if problem:
+            raise SystemExit(f"error: {problem}")
+
+
+def open_parent_run(tracker: "Tracker", config: SweepConfig, storage: str, probe_set: ProbeSet, probe_dir: str,
                     num_pairs: int) -> tuple[str, str]:
     """(experiment id, parent run id): a new parent run, or with --resume the interrupted one."""
     state_path = store.join(storage, config.name, STATE_FILE)
@@ -143,7 +161,7 @@ def open_parent_run(tracker: Tracker, config: SweepConfig, storage: str, probe_s
     return experiment_id, parent_run_id
 
 
-def close_unfinished_runs(tracker: Tracker, config: SweepConfig, experiment_id: str, parent_run_id: str) -> None:
+def close_unfinished_runs(tracker: "Tracker", config: SweepConfig, experiment_id: str, parent_run_id: str) -> None:
     """A trial a scheduler stopped never ends its own MLflow run: mark it KILLED and say why."""
     for run in tracker.child_runs(experiment_id, parent_run_id):
         if run.info.status == "RUNNING" and run.data.tags.get("stage") == "sweep":
@@ -153,6 +171,15 @@ def close_unfinished_runs(tracker: Tracker, config: SweepConfig, experiment_id: 
 
 def run_sweep(config: SweepConfig, param_space: dict) -> SweepOutcome:
     """Run the warm-ups and the searched trials; return where everything landed."""
+    from infra.tracking import Tracker, configure_quiet_logging, default_tracking_uri
+    from sweeps.summary import failure_lines, summarize_sweep
+    from trainers.model.factory import load_tokenizer
+    from trainers.model.lora import require_peft
+    from trainers.model.pretrained import MissingPackageError
+
+    storage = config.resolved_storage_path()  # a local folder or a URI (remote storage)
+    searched = searched_values(param_space)
+    check_before_start(config, storage, searched)
     configure_quiet_logging()
     tracking_uri = config.tracking_uri or default_tracking_uri(Path.cwd())
     warn_if_store_is_node_local(tracking_uri, config.address or os.environ.get("RAY_ADDRESS"))
@@ -161,12 +188,10 @@ def run_sweep(config: SweepConfig, param_space: dict) -> SweepOutcome:
         tracker.check_reachable()
     except RuntimeError as error:  # before any training: say what is wrong, not a traceback
         raise SystemExit(f"error: {error}") from None
-    storage = config.resolved_storage_path()  # a local folder or a URI (remote storage)
     if not store.is_remote(storage):
         Path(storage).mkdir(parents=True, exist_ok=True)
 
     print(f"preparing tokenizer, data and probe set ({config.train.dataset}) ...", flush=True)
-    searched = searched_values(param_space)
     try:  # a missing optional package (smollm2-135m, LoRA) stops the sweep here, in one line
         for model in searched.get("model", [config.train.model]):
             load_tokenizer(model)  # builds and caches the built-in tokenizer (or smollm2-135m's folder) once, before workers race for it
@@ -181,42 +206,50 @@ def run_sweep(config: SweepConfig, param_space: dict) -> SweepOutcome:
     print(f"MLflow parent run {parent_run_id} (experiment {config.experiment_name!r}); "
           f"probe set {probe_set.content_hash()}: {len(probe_set.prompts)} prompts x {len(CATEGORIES)} categories")
 
-    context = {"tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
-               "storage_path": storage, "sweep_name": config.name, "max_failures": config.max_failures,
-               "probe_set_hash": probe_set.content_hash(), "categories": CATEGORIES,
-               "sft_recipe": config.sft_recipe, "worker_shares": config.worker_share_by_model(),
-               "worker_resources": config.worker_resource_requests()}
+    context = TrialContext(tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
+                           storage_path=storage, sweep_name=config.name, max_failures=config.max_failures,
+                           probe_set_hash=probe_set.content_hash(), categories=tuple(CATEGORIES),
+                           worker_shares=config.worker_share_by_model(),
+                           worker_resources=config.worker_resource_requests())
     failed = True
     table: list[dict] = []
+    failures: list[str] = []
     try:
         start_ray(config.address, config.num_cpus, config.train_poll_interval_s)
         warmups = shared_sft_warmups(config, searched.get("model", [config.train.model]),
-                                     searched.get("sft_recipe", [config.sft_recipe]), context)
+                                     searched.get("sft_recipe", [config.train.sft_recipe]), context)
         if warmups:
             # MLflow tag names allow no "|": one tag per model and recipe as sft_warmup_dir.<model>.<recipe>
             tracker.set_tags(parent_run_id, {"sft_warmup_dir." + k.replace("|", ".") if len(warmups) > 1 else "sft_warmup_dir": d
                                              for k, d in warmups.items()})
-        trial_train = replace(config.train, init_checkpoint=warmups.get(warmup_key(config.train.model, config.sft_recipe)))
+        trial_train = replace(config.train, init_checkpoint=warmups.get(warmup_key(config.train.model, config.train.sft_recipe)))
         trial_train = replace(trial_train, reference_logps_dir=shared_reference_logps(config, trial_train, context, set(searched)))
         print(f"stage 2/2: {config.train.loss} trials over {sorted(searched)} ({config.search} search"
               f"{', ASHA on ' + config.metric if config.scheduler == 'asha' else ''}), {config.train.max_steps} steps x "
               f"{config.train.num_workers} workers each, probe evaluation every {config.train.eval_every} steps", flush=True)
-        results = run_stage("sweep", {**param_space, "train": trial_train.to_dict()},
-                            config, {**context, "init_checkpoints": warmups}, config.train.max_steps)
+        results = run_stage("sweep", {**param_space, "train": trial_train},
+                            config, replace(context, init_checkpoints=warmups), config.train.max_steps)
         close_unfinished_runs(tracker, config, experiment_id, parent_run_id)
-        table, failed_trials = summarize_sweep(tracker, config.name, parent_run_id, experiment_id, sorted(searched))
-        for result in results:
-            if result.error:
-                print(f"trial failed: {result.error}", file=sys.stderr)
-        failed = bool(failed_trials) or any(r.error for r in results)
+        table, _ = summarize_sweep(tracker, config.name, parent_run_id, experiment_id, sorted(searched))
+        failures = failure_lines(table, results)
+        failed = bool(failures)
     finally:
         tracker.end_run(parent_run_id, failed=failed)
     return SweepOutcome(tracking_uri, config.experiment_name, parent_run_id, [row["run_id"] for row in table],
-                        failed_trials, table)
+                        failures, table)
 
 
 def run_entry_point(config: SweepConfig, searched: dict) -> int:
-    """What every entry point does once it has its config: search space, sweep, summary, exit code."""
+    """What every entry point does once it has its config: search space, sweep, summary, exit code
+    (1 when any trial failed; each failure is printed in one line)."""
+    from sweeps.summary import print_outcome
+
     outcome = run_sweep(config, search_space(config, searched))
     print_outcome(outcome)
     return 1 if outcome.failed_trials else 0
+
+
+def run(entry: EntryPoint, argv: list[str] | None = None) -> int:
+    """What every sweep script does: parse (fast: nothing heavy is imported yet), then sweep."""
+    config = parse_config(argv, entry)
+    return run_entry_point(config, entry.searched_values(config))

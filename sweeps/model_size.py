@@ -12,17 +12,22 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sweeps.config import SweepConfig, parse_config  # noqa: E402
-from sweeps.driver import run_entry_point  # noqa: E402
+from sweeps.config import EntryPoint, SweepConfig  # noqa: E402
+from sweeps.driver import run  # noqa: E402
+from trainers.config import preference_losses  # noqa: E402
 
 # CPU share per training worker by size: the small trials pack together, the large one gets more
-DEFAULTS = SweepConfig(name="model-size", betas=[0.1], models=["tiny-pythia-1m", "tiny-pythia-4m"], max_concurrent_trials=2,
-                       worker_shares=["tiny-pythia-1m=0.2", "tiny-pythia-4m=0.3", "tiny-pythia-16m=0.6"])
+ENTRY = EntryPoint(
+    prog="sweeps/model_size.py", description=__doc__,
+    defaults=SweepConfig(name="model-size", betas=[0.1], models=["tiny-pythia-1m", "tiny-pythia-4m"], max_concurrent_trials=2,
+                         worker_shares=["tiny-pythia-1m=0.2", "tiny-pythia-4m=0.3", "tiny-pythia-16m=0.6"]),
+    losses=preference_losses(),
+    searched=("model", "beta", "lr"),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(argv, __doc__, defaults=DEFAULTS)
-    return run_entry_point(config, {"model": config.models, "beta": config.betas, "lr": config.sweep_lrs()})
+    return run(ENTRY, argv)
 
 
 if __name__ == "__main__":

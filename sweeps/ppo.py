@@ -19,20 +19,23 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sweeps.config import SweepConfig, parse_config  # noqa: E402
-from sweeps.driver import run_entry_point  # noqa: E402
+from sweeps.config import EntryPoint, SweepConfig  # noqa: E402
+from sweeps.driver import run  # noqa: E402
 from trainers.config import TrainConfig  # noqa: E402
 
 # 2 trials x (2 workers x 0.3 + 2 actors x 0.15 CPU) fit on 2 cores
-DEFAULTS = SweepConfig(name="ppo", betas=[], kl_coefs=[0.02, 0.2], max_concurrent_trials=2,
-                       train=TrainConfig(loss="ppo", lr=1e-4, max_steps=30, eval_every=10, micro_batch_size=8,
-                                         checkpoint_every=10))
+ENTRY = EntryPoint(
+    prog="sweeps/ppo.py", description=__doc__,
+    defaults=SweepConfig(name="ppo", betas=[], kl_coefs=[0.02, 0.2], max_concurrent_trials=2,
+                         train=TrainConfig(loss="ppo", lr=1e-4, max_steps=30, eval_every=10, micro_batch_size=8,
+                                           checkpoint_every=10)),
+    searched=("ppo_kl_coef", "lr", "model", "seed", "sft_recipe"),
+    fixed={"loss": "ppo.py trains with loss ppo; preference losses are sweeps/dpo_beta.py's, SFT is sweeps/sft.py's"},
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(argv, __doc__, defaults=DEFAULTS)
-    return run_entry_point(config, {"ppo_kl_coef": config.kl_coefs, "lr": config.sweep_lrs(), "model": config.models,
-                                  "seed": config.seeds, "sft_recipe": config.sft_recipes})
+    return run(ENTRY, argv)
 
 
 if __name__ == "__main__":

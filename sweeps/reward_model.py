@@ -11,29 +11,57 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sweeps.config import _add_fields, resolve_storage_path  # noqa: E402
-from infra.tracking import Tracker, configure_quiet_logging, default_tracking_uri, mlflow_ui_command  # noqa: E402
+from infra.cli import AT_LEAST_1, POSITIVE, Parser, add_settings, check_ranges, setting, with_values  # noqa: E402
 from infra import storage as store  # noqa: E402
-from trainers.runs.reward_training import RewardModelConfig  # noqa: E402
+from sweeps.config import check_name, resolve_storage_path  # noqa: E402
+from trainers.config import RewardModelConfig  # noqa: E402
 
 
 @dataclass
 class RewardSweep:
-    name: str = "reward-model"
-    lrs: list[float] | None = field(default_factory=lambda: [3e-4, 1e-3], metadata={"help": "learning rates to sweep"})
-    models: list[str] | None = field(default=None, metadata={"help": "backbones to sweep (default: just --model)"})
-    tracking_uri: str | None = None
-    experiment_name: str = "probesweep"
-    storage_path: str | None = None
-    address: str | None = None
-    num_cpus: int | None = None
-    max_concurrent_trials: int = 2
+    name: str = setting("reward-model", "sweep name (a folder name): the MLflow parent run is 'sweep:<name>'")
+    lrs: list[float] | None = setting([3e-4, 1e-3], "learning rates to sweep", range=POSITIVE)
+    models: list[str] | None = setting(None, "backbones to sweep (default: just --model)")
+    tracking_uri: str | None = setting(None, "MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)")
+    experiment_name: str = setting("probesweep", "MLflow experiment")
+    storage_path: str | None = setting(None, "where reward models go: a local folder or a URI (default: ./probesweep_runs)")
+    address: str | None = setting(None, "Ray cluster to join ('auto' or host:port); default: a fresh local Ray")
+    num_cpus: int | None = setting(None, "CPUs of the local Ray instance (default: all cores)", range=AT_LEAST_1)
+    max_concurrent_trials: int = setting(2, "trials running at once", range=AT_LEAST_1)
+
+    def __post_init__(self):
+        check_ranges(self)
+        check_name(self.name)
+
+
+def parse_args(argv: list[str] | None) -> tuple[RewardSweep, RewardModelConfig]:
+    """The shared parser builder over both dataclasses; a bad value ends in one line."""
+    parser = Parser(prog="sweeps/reward_model.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep_paths = add_settings(parser, RewardSweep, "sweep")
+    reward_paths = add_settings(parser, RewardModelConfig, "reward model (every trial)")
+    args = vars(parser.parse_args(argv))
+    try:
+        sweep = with_values(RewardSweep(), {sweep_paths[k]: v for k, v in args.items() if k in sweep_paths})
+        reward = with_values(RewardModelConfig(), {reward_paths[k]: v for k, v in args.items() if k in reward_paths})
+    except (ValueError, TypeError) as error:
+        parser.error(str(error))
+    return sweep, reward
+
+
+@dataclass(frozen=True)
+class RewardContext:
+    """What every reward-model trial receives beside its config."""
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    storage_path: str
+    sweep_name: str
 
 
 def reward_trial(trial_config: dict) -> None:
@@ -41,17 +69,18 @@ def reward_trial(trial_config: dict) -> None:
     import torch
     from ray import tune
 
+    from infra.tracking import Tracker
     from trainers.runs.reward_training import train_reward_model
 
     torch.set_num_threads(1)
-    ctx = trial_config["context"]
-    config = RewardModelConfig(**{**trial_config["reward"], **{k: trial_config[k] for k in ("lr", "model") if k in trial_config}})
-    tracker = Tracker(ctx["tracking_uri"])
+    ctx: RewardContext = trial_config["context"]
+    config = replace(trial_config["reward"], **{k: trial_config[k] for k in ("lr", "model") if k in trial_config})
+    tracker = Tracker(ctx.tracking_uri)
     name = f"lr={config.lr} model={config.model}"
-    run_id = tracker.start_run(ctx["experiment_id"], name, params=config.to_dict(), parent_run_id=ctx["parent_run_id"],
-                               tags={"stage": "reward-model", "sweep": ctx["sweep_name"]})
+    run_id = tracker.start_run(ctx.experiment_id, name, params=config.to_dict(), parent_run_id=ctx.parent_run_id,
+                               tags={"stage": "reward-model", "sweep": ctx.sweep_name})
     # a local folder or a URI (the model is saved locally and uploaded); PPO's --reward takes either
-    output = store.join(ctx["storage_path"], "reward-models", f"{ctx['sweep_name']}-{tune.get_context().get_trial_id()}")
+    output = store.join(ctx.storage_path, "reward-models", f"{ctx.sweep_name}-{tune.get_context().get_trial_id()}")
 
     def log(step: int, metrics: dict) -> None:
         tracker.log_metrics(run_id, metrics, step=step)
@@ -70,17 +99,13 @@ def reward_trial(trial_config: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    sweep, reward = parse_args(argv)
     import ray
     from ray import tune
 
+    from infra.tracking import Tracker, configure_quiet_logging, default_tracking_uri, mlflow_ui_command
     from sweeps.driver import start_ray
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_fields(parser, RewardSweep, "sweep")
-    _add_fields(parser, RewardModelConfig, "reward model (every trial)")
-    args = vars(parser.parse_args(argv))
-    sweep = RewardSweep(**{f.name: args[f.name] for f in fields(RewardSweep) if f.name in args})
-    reward = RewardModelConfig(**{f.name: args[f.name] for f in fields(RewardModelConfig) if f.name in args})
     configure_quiet_logging()
     tracking_uri = sweep.tracking_uri or default_tracking_uri(Path.cwd())
     storage = resolve_storage_path(sweep.storage_path)  # a local folder or a URI
@@ -89,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     experiment_id = tracker.experiment_id(sweep.experiment_name)
     parent = tracker.start_run(experiment_id, f"sweep:{sweep.name}", params={**asdict(sweep), **reward.to_dict()},
                                tags={"sweep": sweep.name, "entry_point": "reward_model.py"})
-    space = {"reward": reward.to_dict(), "context": {"tracking_uri": tracking_uri, "experiment_id": experiment_id,
-                                                      "parent_run_id": parent, "storage_path": storage,
-                                                      "sweep_name": sweep.name}}
+    space = {"reward": reward, "context": RewardContext(tracking_uri, experiment_id, parent, storage, sweep.name)}
     for key, values in (("lr", sweep.lrs), ("model", sweep.models)):
         if values:
             space[key] = tune.grid_search(list(values))

@@ -10,10 +10,9 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from sweeps.config import SweepConfig
+from sweeps.config import SWEPT_BY, SweepConfig
 
-SEARCHABLE = ("beta", "ppo_kl_coef", "lr", "loss", "seed", "model", "sft_recipe")
-TRAIN_FIELDS = ("beta", "ppo_kl_coef", "lr", "loss", "seed", "model")  # the searchable keys that are TrainConfig fields
+SEARCHABLE = tuple(SWEPT_BY)  # the TrainConfig fields a sweep may vary (in the order run names list them)
 
 
 def warmup_key(model: str, recipe: str) -> str:

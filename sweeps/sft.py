@@ -8,23 +8,27 @@ random, non-response, greedy) of every trial — the run that reproduces its fig
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sweeps.config import SweepConfig, parse_config  # noqa: E402
-from sweeps.driver import run_entry_point  # noqa: E402
+from sweeps.config import EntryPoint, SweepConfig  # noqa: E402
+from sweeps.driver import run  # noqa: E402
 from trainers.config import TrainConfig  # noqa: E402
 
-DEFAULTS = SweepConfig(name="sft", sft_steps=0, betas=[], train=TrainConfig(loss="sft", lr=3e-3, max_steps=200, eval_every=20))
+_NO_WARMUP = "sft.py is the SFT study itself: no SFT warm-up runs before it"
+ENTRY = EntryPoint(
+    prog="sweeps/sft.py", description=__doc__,
+    defaults=SweepConfig(name="sft", sft_steps=0, betas=[], train=TrainConfig(loss="sft", lr=3e-3, max_steps=200, eval_every=20)),
+    searched=("lr", "seed", "model", "sft_recipe"),
+    fixed={"loss": "sft.py trains with loss sft; preference losses are sweeps/dpo_beta.py's, PPO is sweeps/ppo.py's",
+           "sft_steps": _NO_WARMUP, "sft_lr": _NO_WARMUP + " (use --lr / --lrs)"},
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(argv, __doc__, defaults=DEFAULTS)
-    config = replace(config, sft_steps=0, train=replace(config.train, loss="sft"))  # no warm-up: SFT is the study
-    return run_entry_point(config, {"lr": config.sweep_lrs(), "seed": config.seeds, "model": config.models})
+    return run(ENTRY, argv)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ import time
 from dataclasses import replace
 
 from sweeps.config import SweepConfig
+from sweeps.context import TrialContext
 from sweeps.search import tune_settings, warmup_key
 from infra import storage as store
-from trainers.config import TrainConfig
+from trainers.config import TrainConfig, is_preference
 
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node this resource (amount 1)
 SFT_KEY_FIELDS = ("model", "dataset", "train_split", "max_train_pairs", "skip_bad_rows", "max_prompt_tokens",
@@ -24,7 +25,7 @@ SFT_KEY_FIELDS = ("model", "dataset", "train_split", "max_train_pairs", "skip_ba
                   "weight_decay", "max_grad_norm", "seed", "num_workers")
 
 
-def run_stage(stage: str, param_space: dict, config: SweepConfig, context: dict, total_steps: int):
+def run_stage(stage: str, param_space: dict, config: SweepConfig, context: TrialContext, total_steps: int):
     from ray import tune
 
     from sweeps.progress import TrialProgress
@@ -33,7 +34,7 @@ def run_stage(stage: str, param_space: dict, config: SweepConfig, context: dict,
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's new console output ignores verbose=0
     trainable = tune.with_resources(run_trial, trial_resources(config))
     name = f"{config.name}-{stage}"
-    path = store.join(context["storage_path"], name)  # a local folder or a URI
+    path = store.join(context.storage_path, name)  # a local folder or a URI
     progress = TrialProgress(stage, total_steps)
     if config.resume and tune.Tuner.can_restore(path):
         print(f"resuming {name} from {path}", flush=True)
@@ -42,10 +43,10 @@ def run_stage(stage: str, param_space: dict, config: SweepConfig, context: dict,
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={**param_space, "context": {**context, "stage": stage}},
+            param_space={**param_space, "context": replace(context, stage=stage)},
             tune_config=tune.TuneConfig(**tune_settings(config)),
             # a trial process that dies (its node lost) is rerun: it finds its MLflow run and Train checkpoint
-            run_config=tune.RunConfig(name=name, storage_path=context["storage_path"], verbose=0, callbacks=[progress],
+            run_config=tune.RunConfig(name=name, storage_path=context.storage_path, verbose=0, callbacks=[progress],
                                       failure_config=tune.FailureConfig(max_failures=config.max_failures)),
         )
     return tuner.fit()
@@ -66,31 +67,32 @@ def sft_warmup_key(config: SweepConfig, model: str, recipe: str) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def shared_sft_warmups(config: SweepConfig, models: list[str], recipes: list[str], context: dict) -> dict[str, str]:
+def shared_sft_warmups(config: SweepConfig, models: list[str], recipes: list[str], context: TrialContext) -> dict[str, str]:
     """warmup_key(model, recipe) -> its SFT warm-up folder, for every combination; trains (in one
     stage) only those not cached yet."""
     if config.sft_steps <= 0:
         return {}
-    shared = store.join(context["storage_path"], "shared")  # a local folder or a URI: the warm-up's rank 0 uploads
+    shared = store.join(context.storage_path, "shared")  # a local folder or a URI: the warm-up's rank 0 uploads
     folders = {warmup_key(m, r): store.join(shared, f"sft-warmup-{sft_warmup_key(config, m, r)}") for m in models for r in recipes}
     missing = [key for key, folder in folders.items() if not store.exists(store.join(folder, ".complete"))]
     for key in sorted(set(folders) - set(missing)):
         print(f"reusing the SFT warm-up {key} in {folders[key]}", flush=True)
     if missing:
-        train = replace(config.train, loss="sft", sft_targets=config.sft_recipe, lr=config.sft_lr,
-                        max_steps=config.sft_steps, init_checkpoint=None)
+        # label smoothing is a preference loss's setting, not SFT's
+        train = replace(config.train, loss="sft", lr=config.sft_lr, max_steps=config.sft_steps, init_checkpoint=None,
+                        label_smoothing=0.0)
         print(f"stage 1/2: SFT warm-up of {', '.join(missing)} (model|recipe: 'chosen' trains on chosen responses, "
               f"'both' on chosen and rejected), {config.sft_steps} steps x {train.num_workers} workers", flush=True)
-        space = {"train": train.to_dict()}
+        space = {"train": train}
         missing_models = sorted({key.split("|")[0] for key in missing}, key=models.index)
         missing_recipes = sorted({key.split("|")[1] for key in missing}, key=recipes.index)
         if missing_models != [config.train.model]:
             space["model"] = tune_grid(missing_models)
-        if missing_recipes != [config.sft_recipe]:
+        if missing_recipes != [config.train.sft_recipe]:
             space["sft_recipe"] = tune_grid(missing_recipes)
         warmup_config = replace(config, search="grid", scheduler="fifo", num_samples=1)
         results = run_stage("sft-warmup", space, warmup_config,
-                            {**context, "final_model_dirs": {k: folders[k] for k in missing}}, config.sft_steps)
+                            replace(context, final_model_dirs={k: folders[k] for k in missing}), config.sft_steps)
         errors = [r.error for r in results if r.error]
         if errors:
             raise RuntimeError(f"the SFT warm-up failed: {errors[0]}")
@@ -105,7 +107,7 @@ def tune_grid(values: list):
     return tune.grid_search(values)
 
 
-def _reference_logps_task(train: dict, directory: str) -> tuple[str, bool, float]:
+def _reference_logps_task(train: TrainConfig, directory: str) -> tuple[str, bool, float]:
     """Runs as a Ray task (with a worker's resources) so a GPU cluster computes it on a GPU."""
     import torch
 
@@ -114,7 +116,7 @@ def _reference_logps_task(train: dict, directory: str) -> tuple[str, bool, float
     from trainers.runs.reference_logps import load_or_compute_reference_logps
 
     started = time.perf_counter()
-    config = store.local_inputs(TrainConfig.from_dict(train), ["init_checkpoint"])  # a remote warm-up: this node's copy
+    config = store.local_inputs(train, ["init_checkpoint"])  # a remote warm-up: this node's copy
     model, tokenizer = load_model_and_tokenizer(config.init_checkpoint or config.model, seed=config.seed)
     if config.use_gpu:
         model.to("cuda")
@@ -127,21 +129,48 @@ def _reference_logps_task(train: dict, directory: str) -> tuple[str, bool, float
     return str(path), computed, time.perf_counter() - started
 
 
-def shared_reference_logps(config: SweepConfig, train: TrainConfig, context: dict, searched: set[str]) -> str | None:
+def shared_reference_logps(config: SweepConfig, train: TrainConfig, context: TrialContext, searched: set[str]) -> str | None:
     """Reference log-probs of the training pairs, computed once (or found) for every trial of the sweep.
 
     Only when every trial has the same reference: a sweep over models, warm-up recipes (or seeds of
     a randomly initialised model) falls back to per-trial reference forwards."""
-    preference = train.loss in ("dpo", "cdpo", "ipo")  # SFT has no reference; PPO scores its own rollouts
+    preference = is_preference(train.loss)  # SFT has no reference; PPO scores its own rollouts
     if not config.share_reference_logps or not preference or searched & {"model", "seed", "sft_recipe"}:
         return None
     import ray
 
-    directory = store.join(context["storage_path"], "shared", "reference_logps")  # the task uploads to a URI
+    directory = store.join(context.storage_path, "shared", "reference_logps")  # the task uploads to a URI
     resources = {"num_gpus": 1} if train.use_gpu else {"num_cpus": train.cpus_per_worker}
-    if context.get("worker_resources"):  # where the training workers may run, so may this
-        resources["resources"] = dict(context["worker_resources"])
+    if context.worker_resources:  # where the training workers may run, so may this
+        resources["resources"] = dict(context.worker_resources)
     task = ray.remote(**resources)(_reference_logps_task)
-    path, computed, seconds = ray.get(task.remote(train.to_dict(), directory))
+    path, computed, seconds = ray.get(task.remote(train, directory))
     print(f"reference log-probs {'computed' if computed else 'reused'} in {seconds:.1f}s: {path}", flush=True)
     return directory
+
+
+def unsatisfiable_resources(config: SweepConfig, models: list[str], losses: list[str], capacity_cpus: float) -> str | None:
+    """Why a trial could never start on a local Ray of `capacity_cpus` CPUs (one node), or None.
+
+    A trial needs its own sliver, its training workers and (PPO, or probe decodes on actors) its
+    rollout actors on that node at once; Ray would otherwise wait for them forever."""
+    train = config.train
+    if train.use_gpu:
+        return None  # GPUs are Ray's to detect; a missing one shows as a pending trial
+    sliver = trial_resources(config)["cpu"]
+    shares = config.worker_share_by_model()
+    for model in models:
+        share = shares.get(model, train.cpus_per_worker)
+        source = f"--worker-shares {model}={share:g}" if model in shares else f"--cpus-per-worker {share:g}"
+        needs_actors = any(loss == "ppo" for loss in losses) or train.probe_decodes == "actors"
+        actors = train.rollout.num_actors * train.rollout.cpus_per_actor if needs_actors else 0.0
+        need = sliver + train.num_workers * share + actors
+        if need > capacity_cpus + 1e-9:
+            parts = f"--num-workers {train.num_workers} x {source}"
+            if actors:
+                parts += (f" + --rollout-actors {train.rollout.num_actors} x --rollout-cpus-per-actor "
+                          f"{train.rollout.cpus_per_actor:g}")
+            return (f"{parts} + {sliver:g} for the trial process needs {need:g} CPUs, but the local Ray has "
+                    f"{capacity_cpus:g} (--num-cpus; default: this machine's cores), so the trial could never start; "
+                    "lower those flags, or raise --num-cpus to oversubscribe on purpose")
+    return None

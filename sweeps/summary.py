@@ -5,13 +5,15 @@ resumed sweep covers the trials of every session.
 """
 from __future__ import annotations
 
+import sys
+
 from probes.diagnostics import peak_of
 from probes.plots import plot_category_curves, plot_sweep_comparison
-from probes.probe_set import DYNAMIC_CATEGORIES, STATIC_CATEGORIES
+from sweeps.context import CATEGORIES
 from sweeps.search import SEARCHABLE
 from infra.tracking import Tracker, mlflow_ui_command
 
-CATEGORIES = list(STATIC_CATEGORIES) + list(DYNAMIC_CATEGORIES)
+FAILURE_TAG = "failure"  # set by the trial: why its run failed, in one line
 
 
 def delta_summary(history: list[tuple[int, float]]) -> tuple[float, float]:
@@ -36,6 +38,7 @@ def _param(text: str | None):
 def run_row(tracker: Tracker, run) -> dict:
     params = run.data.params
     row = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
+           "failure": run.data.tags.get(FAILURE_TAG),
            **{key: _param(params.get(key)) for key in SEARCHABLE},
            "reward_accuracy": run.data.metrics.get("dpo/reward_accuracy"), "ppo_reward": run.data.metrics.get("ppo/reward")}
     for category in CATEGORIES:
@@ -73,12 +76,31 @@ def summarize_sweep(tracker: Tracker, name: str, parent_run_id: str, experiment_
     return table, failed
 
 
+def failure_lines(table: list[dict], results=()) -> list[str]:
+    """One line per failed trial, which and why: failed MLflow runs, and Tune trials that failed
+    before their run existed."""
+    lines = [f"{r['run_name']}: {r.get('failure') or 'run status ' + r['status']}"
+             for r in table if r["status"] not in ("FINISHED", "KILLED")]
+    named = {r["run_name"] for r in table}
+    for result in results:
+        if result.error is None:
+            continue
+        config = result.config or {}
+        name = " ".join(f"{k}={config[k]}" for k in SEARCHABLE if k in config) or "a trial"
+        if name not in named:
+            text = str(result.error).strip().splitlines()
+            lines.append(f"{name}: {type(result.error).__name__}: {text[-1] if text else ''}"[:500])
+    return lines
+
+
 def print_outcome(outcome) -> None:
     print("\nfinal Δ log p (nats, last minus first evaluation) per trial:")
     for row in outcome.summary:
         deltas = "  ".join(f"{c}={row.get(f'delta/{c}', float('nan')):+.2f}" for c in CATEGORIES)
         print(f"  {row['run_name']:<28} {deltas}")
     if outcome.failed_trials:
-        print(f"\nFAILED trials: {outcome.failed_trials}")
+        print(f"\n{len(outcome.failed_trials)} trial(s) FAILED:", file=sys.stderr)
+        for line in outcome.failed_trials:
+            print(f"  failed trial {line}", file=sys.stderr)
     print(f"\nresults: MLflow {outcome.tracking_uri}\n  experiment: {outcome.experiment_name}\n"
           f"  parent run: {outcome.parent_run_id}\n  open with:  {mlflow_ui_command(outcome.tracking_uri)}")

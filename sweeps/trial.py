@@ -6,9 +6,8 @@ fits a TorchTrainer; worker reports reach Tune through `TuneReportCallback` and 
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import asdict, replace
 
-import pandas as pd
 import yaml
 from ray import tune
 from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -19,15 +18,16 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from probes.plots import plot_category_curves
 from probes.token_records import log_probe_records
 from sweeps.run_manifest import trial_manifest
-from sweeps.search import SEARCHABLE, TRAIN_FIELDS, warmup_key
+from sweeps.context import TrialContext
+from sweeps.search import SEARCHABLE, warmup_key
 from infra.tracking import Tracker
 from infra import storage as store
 from trainers.config import TrainConfig
-from trainers.runs.train_loop import PRIVATE_PREFIX, train_loop_per_worker
+from trainers.runs.train_loop import train_loop_per_worker
+from trainers.runs.worker_report import public_metrics, report_of
 
-
-def public_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items() if not k.startswith(PRIVATE_PREFIX)}
+FAILURE_TAG = "failure"    # why a trial's run failed, in one line (the driver prints it)
+DIVERGED_TAG = "diverged"  # the non-finite metrics a diverged run stopped at
 
 
 class TuneForwardCallback(TuneReportCallback):
@@ -41,7 +41,8 @@ class MlflowReportCallback(UserCallback):
     """Writes rank 0's reports to the trial's MLflow child run: every buffered step in one `log_batch`.
 
     Steps already in the run (a trial restarted from an older checkpoint repeats them) are not
-    logged again, so every curve has exactly one point per step.
+    logged again, so every curve has exactly one point per step. A report of a diverged run
+    (non-finite metrics) marks the run with the reason; the trial then fails it.
     """
 
     def __init__(self, tracking_uri: str, run_id: str):
@@ -54,30 +55,36 @@ class MlflowReportCallback(UserCallback):
         return max(steps, default=-1)
 
     def after_report(self, run_context, metrics, checkpoint):
+        report = report_of(metrics[0])
+        if report is None:
+            return
         if self._tracker is None:
             self._tracker = Tracker(self.tracking_uri)
             self._last_logged_step = self._last_step(self._tracker)
-        report, tracker = metrics[0], self._tracker
-        step = int(report["step"])
-        rows = [row for row in report.get(PRIVATE_PREFIX + "history", []) if row["step"] > self._last_logged_step]
+        tracker = self._tracker
+        rows = [row for row in report.history if row["step"] > self._last_logged_step]
         tracker.log_metrics_by_step(self.run_id, [(row["step"], {k: v for k, v in row.items() if k != "step"}) for row in rows])
-        records = report.get(PRIVATE_PREFIX + "probe_records")
-        if records and step > self._last_logged_step:
-            log_probe_records(tracker, self.run_id, records, step)  # CSV + per-token npz
-        if PRIVATE_PREFIX + "data" in report:
-            tracker.set_tags(self.run_id, {f"data.{k}": v for k, v in report[PRIVATE_PREFIX + "data"].items()})
-        if PRIVATE_PREFIX + "nodes" in report:  # the worker group (re)started: where its ranks run
-            tracker.set_tags(self.run_id, {"ray_nodes": ",".join(report[PRIVATE_PREFIX + "nodes"])})
-        if PRIVATE_PREFIX + "resumed_from_step" in report:
-            tracker.set_tags(self.run_id, {"resumed_from_step": report[PRIVATE_PREFIX + "resumed_from_step"]})
-        if PRIVATE_PREFIX + "final_model_dir" in report:
-            tracker.set_tags(self.run_id, {"checkpoint_dir": report[PRIVATE_PREFIX + "final_model_dir"]})
-        self._last_logged_step = max(self._last_logged_step, step)
+        if report.probe_records and report.step > self._last_logged_step:
+            log_probe_records(tracker, self.run_id, report.probe_records, report.step)  # CSV + per-token npz
+        tags = {}
+        if report.train_pairs is not None:
+            tags.update({"data.train_pairs": report.train_pairs, "data.skipped_rows": report.skipped_rows})
+        if report.nodes:  # the worker group (re)started: where its ranks run
+            tags["ray_nodes"] = ",".join(report.nodes)
+        if report.resumed_from_step is not None:
+            tags["resumed_from_step"] = report.resumed_from_step
+        if report.final_model_dir:
+            tags["checkpoint_dir"] = report.final_model_dir
+        if report.non_finite:
+            tags[DIVERGED_TAG] = f"non-finite {report.non_finite}"
+        if tags:
+            tracker.set_tags(self.run_id, tags)
+        self._last_logged_step = max(self._last_logged_step, report.step)
 
 
-def trial_run_name(train: dict, searched: dict) -> str:
+def trial_run_name(train: TrainConfig, searched: dict) -> str:
     parts = [f"{k}={searched[k]}" for k in SEARCHABLE if k in searched]
-    return " ".join(parts) or train["loss"]
+    return " ".join(parts) or train.loss
 
 
 def rollout_pool(config: TrainConfig):
@@ -85,69 +92,64 @@ def rollout_pool(config: TrainConfig):
     weights and are synced by rank 0 after updates."""
     from rollout.actors import RolloutConfig, RolloutPool
 
-    return RolloutPool(RolloutConfig(
-        model=config.init_checkpoint or config.model, engine=config.rollout_engine, num_actors=config.rollout_actors,
-        cpus_per_actor=config.rollout_cpus_per_actor, gpus_per_actor=config.rollout_gpus_per_actor,
-        batch_size=config.micro_batch_size, seed=config.seed, timeout_s=config.rollout_timeout_s))
+    return RolloutPool(RolloutConfig(**asdict(config.rollout), model=config.init_checkpoint or config.model,
+                                     batch_size=config.micro_batch_size, seed=config.seed))
 
 
-def recipe_of(searched: dict, ctx: dict) -> str:
-    return searched.get("sft_recipe", ctx["sft_recipe"])
-
-
-def trial_settings(train: dict, searched: dict, ctx: dict) -> dict:
+def trial_settings(train: TrainConfig, searched: dict, ctx: TrialContext) -> TrainConfig:
     """The trial's TrainConfig: the sweep's, its searched values, its warm-up and its model's resources."""
-    train = {**train, **{k: v for k, v in searched.items() if k in TRAIN_FIELDS}}
-    recipe = recipe_of(searched, ctx)
-    if train["loss"] == "sft" and ctx["stage"] == "sft-warmup":
-        train["sft_targets"] = recipe
-    init = ctx.get("init_checkpoints", {}).get(warmup_key(train["model"], recipe))
+    train = replace(train, **{k: v for k, v in searched.items() if k in SEARCHABLE})
+    changes = {}
+    init = ctx.init_checkpoints.get(warmup_key(train.model, train.sft_recipe))
     if init:  # each (model, recipe) starts from its own shared warm-up
-        train["init_checkpoint"] = init
-    share = ctx.get("worker_shares", {}).get(train["model"])
+        changes["init_checkpoint"] = init
+    share = ctx.worker_shares.get(train.model)
     if share:  # small models take a small share, so their trials pack together
-        train["gpus_per_worker" if train["use_gpu"] else "cpus_per_worker"] = share
-    return TrainConfig.from_dict(train).to_dict()
+        changes["gpus_per_worker" if train.use_gpu else "cpus_per_worker"] = share
+    return replace(train, **changes) if changes else train
 
 
-def worker_resources(config: TrainConfig, ctx: dict) -> dict[str, float]:
+def worker_resources(config: TrainConfig, ctx: TrialContext) -> dict[str, float]:
     """A training worker's Ray resources: its CPU (or GPU) share plus any --worker-resources."""
     own = {"GPU": config.gpus_per_worker} if config.use_gpu else {"CPU": config.cpus_per_worker}
-    return {**own, **ctx.get("worker_resources", {})}
+    return {**own, **ctx.worker_resources}
 
 
-def category_curves(tracker: Tracker, run_id: str, categories: list[str]) -> dict[str, list[tuple[int, float]]]:
+def category_curves(tracker: Tracker, run_id: str, categories) -> dict[str, list[tuple[int, float]]]:
     return {c: tracker.metric_history(run_id, f"logp/{c}") for c in categories}
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[-1] if text else ''}"[:500]
 
 
 def run_trial(trial_config: dict) -> None:
     """Tune function trainable: one MLflow child run, one TorchTrainer fit."""
-    ctx = trial_config["context"]
+    ctx: TrialContext = trial_config["context"]
     searched = {k: trial_config[k] for k in SEARCHABLE if k in trial_config}
-    train = trial_settings(trial_config["train"], searched, ctx)
-    tracker = Tracker(ctx["tracking_uri"])
+    config = trial_settings(trial_config["train"], searched, ctx)
+    tracker = Tracker(ctx.tracking_uri)
     trial_id = tune.get_context().get_trial_id()
-    run_name = trial_run_name(train, searched)
+    run_name = trial_run_name(config, searched)
 
-    existing = [r for r in tracker.child_runs(ctx["experiment_id"], ctx["parent_run_id"])
+    existing = [r for r in tracker.child_runs(ctx.experiment_id, ctx.parent_run_id)
                 if r.data.tags.get("tune_trial_id") == trial_id]
     if existing:  # a retried or resumed trial continues its own run
         run_id = existing[0].info.run_id
     else:
         run_id = tracker.start_run(
-            ctx["experiment_id"], run_name,
-            params={**train, "probe_set_hash": ctx["probe_set_hash"], "sft_recipe": recipe_of(searched, ctx)},
-            tags={"tune_trial_id": trial_id, "stage": ctx["stage"], "sweep": ctx["sweep_name"]},
-            parent_run_id=ctx["parent_run_id"],
+            ctx.experiment_id, run_name, params={**config.to_dict(), "probe_set_hash": ctx.probe_set_hash},
+            tags={"tune_trial_id": trial_id, "stage": ctx.stage, "sweep": ctx.sweep_name},
+            parent_run_id=ctx.parent_run_id,
         )
-        tracker.log_text(run_id, yaml.safe_dump(train, sort_keys=True), "config/resolved_config.yaml")
-        tracker.log_manifest(run_id, trial_manifest(train, ctx["probe_set_hash"]))  # manifest.json + manifest.* params
+        tracker.log_text(run_id, yaml.safe_dump(config.to_dict(), sort_keys=True), "config/resolved_config.yaml")
+        tracker.log_manifest(run_id, trial_manifest(config.to_dict(), ctx.probe_set_hash))  # manifest.json + manifest.* params
 
-    trial_dir_name = f"{ctx['stage']}-{trial_id}"
-    final_model_dir = (ctx.get("final_model_dirs", {}).get(warmup_key(train["model"], recipe_of(searched, ctx)))
-                       or store.join(ctx["storage_path"], ctx["sweep_name"], "models", trial_dir_name))  # local or a URI
-    config = TrainConfig.from_dict(train)
-    loop_config = {"train": train, "final_model_dir": final_model_dir}
+    trial_dir_name = f"{ctx.stage}-{trial_id}"
+    final_model_dir = (ctx.final_model_dirs.get(warmup_key(config.model, config.sft_recipe))
+                       or store.join(ctx.storage_path, ctx.sweep_name, "models", trial_dir_name))  # local or a URI
+    loop_config = {"train": config, "final_model_dir": final_model_dir}
     pool = rollout_pool(config) if config.loss == "ppo" or config.probe_decodes == "actors" else None
     if pool is not None:
         loop_config["rollout_pool"] = pool
@@ -158,20 +160,26 @@ def run_trial(trial_config: dict) -> None:
                                      resources_per_worker=worker_resources(config, ctx)),
         run_config=RunConfig(
             name=trial_dir_name,
-            storage_path=store.join(ctx["storage_path"], ctx["sweep_name"], "train"),
-            callbacks=[TuneForwardCallback(), MlflowReportCallback(ctx["tracking_uri"], run_id)],
-            failure_config=FailureConfig(max_failures=ctx["max_failures"]),
+            storage_path=store.join(ctx.storage_path, ctx.sweep_name, "train"),
+            callbacks=[TuneForwardCallback(), MlflowReportCallback(ctx.tracking_uri, run_id)],
+            failure_config=FailureConfig(max_failures=ctx.max_failures),
         ),
     )
     try:
         trainer.fit()
-    except Exception:
+    except Exception as error:
+        tracker.set_tags(run_id, {FAILURE_TAG: one_line(error)})
         tracker.end_run(run_id, failed=True)
         raise
     finally:
         if pool is not None:
             pool.shutdown()
-    curves = category_curves(tracker, run_id, ctx["categories"])
-    figure = plot_category_curves({run_name: curves}, title=f"{ctx['sweep_name']} — {run_name}")
+    diverged = tracker.client.get_run(run_id).data.tags.get(DIVERGED_TAG)
+    if diverged:  # a diverged run is a result, not a crash: failed in MLflow, not retried by Tune
+        tracker.set_tags(run_id, {FAILURE_TAG: f"diverged: {diverged}"})
+        tracker.end_run(run_id, failed=True)
+        return
+    curves = category_curves(tracker, run_id, ctx.categories)
+    figure = plot_category_curves({run_name: curves}, title=f"{ctx.sweep_name} — {run_name}")
     tracker.log_figure(run_id, figure, "figures/category_curves.png")
     tracker.end_run(run_id)

@@ -1,4 +1,6 @@
 """The tracking module against a real MLflow SQLite store."""
+import math
+
 import pytest
 
 from infra.tracking import Tracker, default_tracking_uri, flatten_params
@@ -20,7 +22,8 @@ def test_runs_nest_and_metrics_batch_by_step(tmp_path):
     tracker.log_metrics_by_step(child, [(1, {"train/loss": 0.7, "skip": float("nan")}), (2, {"train/loss": 0.6})])
     tracker.log_metrics(child, {"logp/chosen": -12.5}, step=2)
     assert tracker.metric_history(child, "train/loss") == [(1, 0.7), (2, 0.6)]
-    assert tracker.metric_history(child, "skip") == []  # non-finite values are not logged
+    (step, value), = tracker.metric_history(child, "skip")  # a non-finite value is kept (as NaN), not dropped
+    assert step == 1 and math.isnan(value)
     assert [r.info.run_id for r in tracker.child_runs(experiment, parent)] == [child]
     tracker.end_run(child)
     assert tracker.run(child).info.status == "FINISHED"

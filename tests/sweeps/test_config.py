@@ -48,8 +48,10 @@ def test_unknown_yaml_key_is_rejected(tmp_path, capsys):
 def test_invalid_values_are_rejected(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--loss", "rlhf"], "test")
-    assert "loss must be one of" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="beta must be > 0"):
+    assert "--loss: invalid choice: 'rlhf'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--loss must be one of"):
+        TrainConfig(loss="rlhf")
+    with pytest.raises(ValueError, match="--beta must be a finite number > 0, got 0.0"):
         TrainConfig(beta=0.0)
     with pytest.raises(ValueError, match="unknown TrainConfig keys"):
         TrainConfig.from_dict({"model": "x", "nope": 1})

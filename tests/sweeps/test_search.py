@@ -1,11 +1,14 @@
 """Search spaces, schedulers and per-trial settings: what Tune receives for a given sweep config."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from sweeps.config import SweepConfig, parse_config
+from sweeps.context import TrialContext
 from sweeps.search import search_space, searched_values, tune_settings, warmup_key
 from sweeps.stages import trial_resources
 from sweeps.trial import trial_run_name, trial_settings, worker_resources
@@ -65,42 +68,43 @@ def test_worker_resources_and_trial_placement_reach_ray():
     assert config.worker_resource_requests() == {"trainer": 1.0, "accelerator_type:A10G": 0.5}
     with pytest.raises(ValueError, match="RESOURCE=AMOUNT"):
         SweepConfig(worker_resources=["trainer=-1"]).worker_resource_requests()
-    ctx = {"worker_resources": config.worker_resource_requests()}
+    ctx = replace(CTX, worker_resources=config.worker_resource_requests())
     assert worker_resources(TrainConfig(cpus_per_worker=0.4), ctx) == {"CPU": 0.4, "trainer": 1.0, "accelerator_type:A10G": 0.5}
-    assert worker_resources(TrainConfig(use_gpu=True, gpus_per_worker=0.5), {}) == {"GPU": 0.5}
+    assert worker_resources(TrainConfig(use_gpu=True, gpus_per_worker=0.5), CTX) == {"GPU": 0.5}
     # trial processes sit on the head node (which Ray marks with its own resource) unless told otherwise
     assert trial_resources(SweepConfig()) == {"cpu": 0.01, "node:__internal_head__": 0.001}
     assert trial_resources(parse_config(["--trials-on-head", "false"], "")) == {"cpu": 0.01}
 
 
-CTX = {"stage": "sweep", "sft_recipe": "chosen",
-       "init_checkpoints": {warmup_key("tiny-pythia-1m", "chosen"): "/warm/1m-chosen",
-                            warmup_key("tiny-pythia-1m", "both"): "/warm/1m-both",
-                            warmup_key("tiny-pythia-4m", "chosen"): "/warm/4m-chosen"},
-       "worker_shares": {"tiny-pythia-4m": 0.7}}
+CTX = TrialContext(tracking_uri="", experiment_id="", parent_run_id="", storage_path="", sweep_name="s", max_failures=0,
+                   probe_set_hash="", categories=(),
+                   init_checkpoints={warmup_key("tiny-pythia-1m", "chosen"): "/warm/1m-chosen",
+                                     warmup_key("tiny-pythia-1m", "both"): "/warm/1m-both",
+                                     warmup_key("tiny-pythia-4m", "chosen"): "/warm/4m-chosen"},
+                   worker_shares={"tiny-pythia-4m": 0.7})
 
 
 def test_trial_settings_pick_the_warmup_of_model_and_recipe_and_the_model_share():
-    base = TrainConfig(model="tiny-pythia-1m", cpus_per_worker=0.3).to_dict()
+    base = TrainConfig(model="tiny-pythia-1m", cpus_per_worker=0.3)
     one = trial_settings(base, {"beta": 0.5, "sft_recipe": "both"}, CTX)
-    assert (one["beta"], one["init_checkpoint"], one["cpus_per_worker"]) == (0.5, "/warm/1m-both", 0.3)
-    assert "sft_recipe" not in one  # a sweep option, not a TrainConfig field
+    assert (one.beta, one.init_checkpoint, one.cpus_per_worker, one.sft_recipe) == (0.5, "/warm/1m-both", 0.3, "both")
     four = trial_settings(base, {"model": "tiny-pythia-4m"}, CTX)
-    assert (four["init_checkpoint"], four["cpus_per_worker"]) == ("/warm/4m-chosen", 0.7)
-    on_gpu = trial_settings({**base, "use_gpu": True}, {"model": "tiny-pythia-4m"}, CTX)
-    assert (on_gpu["gpus_per_worker"], on_gpu["cpus_per_worker"]) == (0.7, 0.3)
+    assert (four.init_checkpoint, four.cpus_per_worker) == ("/warm/4m-chosen", 0.7)
+    on_gpu = trial_settings(replace(base, use_gpu=True), {"model": "tiny-pythia-4m"}, CTX)
+    assert (on_gpu.gpus_per_worker, on_gpu.cpus_per_worker) == (0.7, 0.3)
 
 
 def test_warmup_trials_train_on_their_recipe():
-    sft = TrainConfig(loss="sft").to_dict()
-    assert trial_settings(sft, {"sft_recipe": "both"}, {"stage": "sft-warmup", "sft_recipe": "chosen"})["sft_targets"] == "both"
-    assert trial_settings(sft, {}, {"stage": "sft-warmup", "sft_recipe": "both"})["sft_targets"] == "both"
+    sft = TrainConfig(loss="sft")
+    warmup = replace(CTX, stage="sft-warmup", init_checkpoints={})
+    assert trial_settings(sft, {"sft_recipe": "both"}, warmup).sft_recipe == "both"
+    assert trial_settings(replace(sft, sft_recipe="both"), {}, warmup).sft_recipe == "both"
 
 
 def test_run_names_say_what_differs():
-    assert trial_run_name({"loss": "dpo"}, {"sft_recipe": "both", "beta": 0.1, "model": "tiny-pythia-4m", "lr": 5e-6}) == \
+    assert trial_run_name(TrainConfig(loss="dpo"), {"sft_recipe": "both", "beta": 0.1, "model": "tiny-pythia-4m", "lr": 5e-6}) == \
         "beta=0.1 lr=5e-06 model=tiny-pythia-4m sft_recipe=both"
-    assert trial_run_name({"loss": "sft"}, {}) == "sft"
+    assert trial_run_name(TrainConfig(loss="sft"), {}) == "sft"
 
 
 def test_a_file_store_on_a_cluster_gets_a_warning(capsys):

@@ -29,7 +29,7 @@ def compute_loss(config: TrainConfig, model, pairs: Sequence[TokenizedPair], pad
     or run `reference_model` on the batch."""
     if config.loss == "sft":
         prompts, responses = [p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs]
-        if config.sft_targets == "both":  # Ren & Sutherland's remedy: SFT also lifts y- before DPO pushes it down
+        if config.sft_recipe == "both":  # Ren & Sutherland's remedy: SFT also lifts y- before DPO pushes it down
             prompts, responses = prompts * 2, responses + [p.rejected_ids for p in pairs]
         batch = collate_sequences(prompts, responses, pad_id)
         sums, means, counts = forward_logps(model, batch)
@@ -47,12 +47,11 @@ def compute_loss(config: TrainConfig, model, pairs: Sequence[TokenizedPair], pad
         with torch.no_grad():
             ref_sums, _, _ = forward_logps(reference_model, batch)
         ref_chosen, ref_rejected = ref_sums[:n], ref_sums[n:]
-    label_smoothing = config.label_smoothing or (0.1 if config.loss == "cdpo" else 0.0)
-    kwargs = {"label_smoothing": label_smoothing} if config.loss != "ipo" else {}
+    # 0 keeps the registered loss's own default (cdpo: 0.1); TrainConfig refuses it for a loss without one
     output = preference_loss(
-        config.loss, beta=config.beta,
+        config.loss, beta=config.beta, label_smoothing=config.label_smoothing or None,
         policy_chosen=sums[:n], policy_rejected=sums[n:],
-        ref_chosen=ref_chosen, ref_rejected=ref_rejected, **kwargs,
+        ref_chosen=ref_chosen, ref_rejected=ref_rejected,
     )
     loss = output.losses.mean()
     metrics = {"train/loss": loss.item(),

@@ -1,4 +1,5 @@
-"""A whole reward-model run: its config, AdamW over Bradley-Terry pairs, held-out accuracy, saving.
+"""A whole reward-model run: AdamW over Bradley-Terry pairs, held-out accuracy, saving (its config,
+`RewardModelConfig`, lives with the other configs in trainers.config).
 
 The model, its loss and its per-step functions live in trainers.model.reward_model; this is the
 run around them, kept a plain function so a Ray Train worker or a test can call it.
@@ -6,55 +7,17 @@ run around them, kept a plain function so a Ray Train worker or a test can call 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from trainers.config import RewardModelConfig  # noqa: F401  (defined with the other configs: light to import)
 from trainers.data.batches import ShardedBatches
 from trainers.data.collate import load_training_pairs, tokenize_pairs
 from trainers.data.pairs import load_preference_data
 from trainers.model.reward_model import RewardModel, evaluate_reward_model, reward_train_step
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class RewardModelConfig:
-    """One reward-model run. Data fields have TrainConfig's names, so `load_training_pairs` reads them."""
-    model: str = _f("tiny-pythia-1m", "built-in size, a Hugging Face name or a local causal-LM folder (the backbone)")
-    dataset: str = _f("builtin", "preference data, as in TrainConfig")
-    train_split: str = _f("train", "split to train on")
-    eval_split: str = _f("test", "held-out split for accuracy")
-    max_train_pairs: int | None = _f(None, "use only the first N valid training pairs")
-    max_eval_pairs: int | None = _f(None, "evaluate on only the first N held-out pairs")
-    skip_bad_rows: bool = _f(False, "skip malformed rows instead of stopping at the first")
-    max_prompt_tokens: int = _f(160, "prompts keep their last N tokens")
-    max_response_tokens: int = _f(64, "responses keep their first N tokens (EOS included)")
-    truncation: str = _f("truncate", "'truncate' or 'error', as in TrainConfig")
-    lr: float = _f(1e-3, "peak AdamW learning rate")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    warmup_steps: int = _f(5, "linear warm-up steps, then constant")
-    max_steps: int = _f(50, "optimizer steps")
-    batch_size: int = _f(16, "pairs per step")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
-    eval_every: int = _f(25, "held-out evaluation every N steps (and at step 0 and the last step)")
-    eval_batch_size: int = _f(32, "pairs per evaluation forward")
-    seed: int = _f(0, "seed of backbone and head init and of the data order")
-
-    def __post_init__(self):
-        for name in ("max_steps", "batch_size", "eval_every", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.truncation not in ("truncate", "error"):
-            raise ValueError(f"truncation must be 'truncate' or 'error', got {self.truncation!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

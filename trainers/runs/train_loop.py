@@ -20,9 +20,9 @@ import torch
 from infra import storage
 from trainers.config import TrainConfig
 from trainers.runs.policy_trainer import STATE_FILE, PolicyTrainer  # noqa: F401  (STATE_FILE: the DDP checkpoint's file)
+from trainers.runs.worker_report import WorkerReport, non_finite_metrics
 
 FAULT_STEP_ENV, FAULT_MARKER_ENV = "PROBESWEEP_FAULT_AT_STEP", "PROBESWEEP_FAULT_MARKER_DIR"
-PRIVATE_PREFIX = "_"   # report keys that go to MLflow artifacts/tags, not to Tune as metrics
 
 
 def _inject_fault_once(step: int, run_name: str) -> None:
@@ -50,8 +50,9 @@ def worker_nodes() -> list[str]:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    """loop_config: {"train": TrainConfig, "final_model_dir": str | None, "rollout_pool": RolloutPool (PPO)}."""
     # remote storage (s3://...): the warm-up, probe set and reward model are read from this node's copies
-    config = storage.local_inputs(TrainConfig.from_dict(loop_config["train"]))
+    config: TrainConfig = storage.local_inputs(loop_config["train"])
     final_model_dir = loop_config.get("final_model_dir")
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -77,26 +78,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     pending: list[dict] = []   # per-step metrics not yet reported; each report ships them all
 
-    def report(records: list[dict] | None, save: bool, final: bool) -> None:
+    def report(records: list[dict] | None, save: bool, final: bool, non_finite: str | None = None) -> None:
         nonlocal nodes
-        payload: dict = {"step": trainer.step}
-        if rank == 0 and nodes:
-            payload[PRIVATE_PREFIX + "nodes"], nodes = nodes, None
         if final and final_model_dir:
             trainer.gather_weights()  # ZeRO-3: a collective, so every rank, before rank 0 saves
+        payload: dict = {"step": trainer.step}
         if rank == 0:
-            payload.update(pending[-1] if pending else {})
-            payload[PRIVATE_PREFIX + "history"] = list(pending)
-            if records is not None:
-                payload[PRIVATE_PREFIX + "probe_records"] = records
-            if resumed_from is not None:
-                payload[PRIVATE_PREFIX + "resumed_from_step"] = resumed_from
+            sent = WorkerReport(step=trainer.step, history=list(pending), probe_records=records, nodes=nodes,
+                                resumed_from_step=resumed_from, non_finite=non_finite)
             if trainer.step == 0 or final:
-                payload[PRIVATE_PREFIX + "data"] = {"train_pairs": len(trainer.pairs), "skipped_rows": trainer.skipped_rows}
+                sent.train_pairs, sent.skipped_rows = len(trainer.pairs), trainer.skipped_rows
             if final and final_model_dir:
                 with storage.output_dir(final_model_dir) as directory:  # a URI: saved locally, then uploaded
                     trainer.save_pretrained(directory)
-                payload[PRIVATE_PREFIX + "final_model_dir"] = str(final_model_dir)
+                sent.final_model_dir = str(final_model_dir)
+            payload = sent.metrics_payload()
+        nodes = None
         pending.clear()
         if save and (rank == 0 or trainer.checkpoint_on_every_rank):
             with tempfile.TemporaryDirectory() as directory:
@@ -121,6 +118,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             eval_metrics, records = trainer.evaluate()
             metrics.update(eval_metrics)
         pending.append(metrics)
+        # metrics are averaged over ranks, so every rank sees the same values and stops at the same step
+        diverged = non_finite_metrics(metrics)
+        if diverged:  # a diverged run stops here, reported as such (no checkpoint of it, not retried as a crash)
+            report(records, save=False, final=False,
+                   non_finite=", ".join(f"{k}={metrics[k]}" for k in diverged) + f" at step {trainer.step}")
+            return
         # each report waits for the Train controller's poll, so reports are batched, not per step
         if evaluate or save or trainer.step % config.report_every == 0:
             report(records, save=save, final=final)

@@ -148,9 +148,9 @@ def test_load_rejects_other_folders(tmp_path):
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="max_steps"):
+    with pytest.raises(ValueError, match="--max-steps must be"):
         RewardModelConfig(max_steps=0)
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match="--lr must be"):
         RewardModelConfig(lr=0.0)
 
 
