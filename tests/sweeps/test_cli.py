@@ -157,3 +157,13 @@ def test_loss_names_live_in_the_registry():
 
     assert set(PREFERENCE_LOSSES) == set(preference_losses())
     assert set(OBJECTIVES) == {"sft", "ppo", *PREFERENCE_LOSSES}
+
+
+def test_importing_the_plots_leaves_matplotlib_alone_and_figures_still_render(tmp_path):
+    script = ("import sys\nimport probes.plots as plots\nassert 'matplotlib' not in sys.modules\n"
+              "figure = plots.plot_category_curves({'a': {'chosen': [(0, -2.0), (5, -1.0)]}}, title='t')\n"
+              "figure.savefig(sys.argv[1])\nprint('pyplot' if 'matplotlib.pyplot' in sys.modules else 'no pyplot')\n")
+    out = tmp_path / "curves.png"
+    done = subprocess.run([sys.executable, "-c", script, str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "no pyplot" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
