@@ -1,11 +1,17 @@
-"""The training run without Ray: reproducibility, learning signal, evaluation records."""
+"""The training run without Ray: reproducibility, learning signal, evaluation records, and state
+files that are planted, cut short or corrupt."""
+import logging
 import math
+import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from trainers.config import TrainConfig
-from trainers.runs.policy_trainer import PolicyTrainer
+from trainers.runs.policy_trainer import (MODEL_COMPLETE_FILE, STATE_FILE, CheckpointError, PolicyTrainer,
+                                          model_is_complete)
 
 
 def _config(probe_dir, **overrides):
@@ -107,3 +113,140 @@ def test_shared_reference_logps_refuse_other_data(builtin_probe_dir, tmp_path):
     stored = next(tmp_path.glob("reference-logps-*.npz"))
     with pytest.raises(ValueError, match="computed for key"):
         ReferenceLogps.load(stored, "another-key", 64)
+
+
+# --- files from shared storage that are planted, cut short or corrupt: refused without running code,
+# recomputed, or skipped for the previous checkpoint, each time naming the file ----------------------
+
+def _small(probe_dir, **overrides):
+    return _config(probe_dir, **{"max_train_pairs": 32, "max_steps": 2, "eval_every": 2, "num_probe_prompts": 2,
+                                 "greedy_max_tokens": 4, **overrides})
+
+
+class _Planted:
+    """Unpickling this (as weights_only=False would) creates the marker file: code ran from the checkpoint."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.fixture(scope="module")
+def trained(builtin_probe_dir, tmp_path_factory):
+    """A trainer two steps in, and its checkpoints after step 1 and step 2."""
+    torch.set_num_threads(1)
+    trainer = PolicyTrainer(_small(builtin_probe_dir))
+    trainer.prepare()
+    folders = []
+    for _ in range(2):
+        trainer.train_step()
+        folder = tmp_path_factory.mktemp(f"checkpoint-{trainer.step}")
+        trainer.save_checkpoint(folder)
+        folders.append(folder)
+    return trainer, folders
+
+
+def _fresh(builtin_probe_dir) -> PolicyTrainer:
+    return PolicyTrainer(_small(builtin_probe_dir))
+
+
+def _weights(trainer) -> dict:
+    return {k: v.clone() for k, v in trainer.language_model().state_dict().items()}
+
+
+def test_a_checkpoint_loads_with_weights_only(trained, builtin_probe_dir):
+    trainer, folders = trained
+    restored = _fresh(builtin_probe_dir)
+    restored.load_checkpoint(folders[-1])
+    assert restored.step == 2
+    expected = _weights(trainer)
+    assert all(torch.equal(v, expected[k]) for k, v in _weights(restored).items())
+    assert restored.optimizer.state_dict()["state"][0]["step"] == trainer.optimizer.state_dict()["state"][0]["step"]
+    assert not list(Path(folders[-1]).glob(".*"))  # the atomic write left no temporary beside the state
+
+
+def test_a_planted_pickle_is_refused_and_runs_nothing(trained, builtin_probe_dir, tmp_path):
+    trainer, _ = trained
+    marker = tmp_path / "code-ran"
+    state = {**trainer.state_dict(), "step": _Planted(str(marker))}
+    torch.save(state, tmp_path / STATE_FILE)
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / STATE_FILE}: refused"):
+        _fresh(builtin_probe_dir).load_checkpoint(tmp_path)
+    assert not marker.exists()
+    # the same file through plain pickle really would have run it: the test's payload is live
+    torch.load(tmp_path / STATE_FILE, weights_only=False)
+    assert marker.exists()
+
+
+def test_a_corrupt_last_checkpoint_falls_back_to_the_previous(trained, builtin_probe_dir, tmp_path, caplog):
+    _, (first, second) = trained
+    broken = tmp_path / "checkpoint-2"
+    broken.mkdir()
+    data = (Path(second) / STATE_FILE).read_bytes()
+    (broken / STATE_FILE).write_bytes(data[: len(data) // 2])         # cut short, as a failed copy leaves it
+    restored = _fresh(builtin_probe_dir)
+    with caplog.at_level(logging.WARNING, logger="trainers.runs.policy_trainer"):
+        used = restored.load_latest_readable_checkpoint([broken, first])
+    assert used == first and restored.step == 1
+    assert str(broken / STATE_FILE) in caplog.text and "unreadable checkpoint" in caplog.text
+
+
+def test_no_readable_checkpoint_fails_once_naming_every_file(builtin_probe_dir, tmp_path):
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder in folders:
+        folder.mkdir()
+        (folder / STATE_FILE).write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(CheckpointError) as caught:
+        _fresh(builtin_probe_dir).load_latest_readable_checkpoint(folders)
+    assert all(str(folder / STATE_FILE) in str(caught.value) for folder in folders)
+
+
+def test_a_final_model_is_marked_complete_last(trained, tmp_path):
+    trainer, _ = trained
+    (tmp_path / MODEL_COMPLETE_FILE).write_text("from an earlier save")
+    written = []
+    real_save = trainer.tokenizer.save_pretrained
+
+    def save(directory, **kwargs):
+        written.append(model_is_complete(directory))  # not complete while files are still being written
+        return real_save(directory, **kwargs)
+
+    trainer.tokenizer.save_pretrained = save
+    try:
+        trainer.save_pretrained(str(tmp_path))
+    finally:
+        del trainer.tokenizer.save_pretrained
+    assert written == [False] and model_is_complete(tmp_path)
+    assert (tmp_path / "config.json").is_file()
+
+
+# --- reference log-probs ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not a zip"])
+def test_a_damaged_reference_file_is_recomputed_with_a_warning(builtin_probe_dir, tmp_path, caplog, damage):
+    config = _small(builtin_probe_dir)
+    first, path, computed = _shared_reference(config, tmp_path)
+    assert computed
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 3], "empty": b"", "not a zip": b"garbage" * 50}[damage])
+    with caplog.at_level(logging.WARNING, logger="trainers.runs.reference_logps"):
+        again, same_path, recomputed = _shared_reference(config, tmp_path)
+    assert same_path == path and recomputed
+    assert str(path) in caplog.text
+    np.testing.assert_array_equal(again.chosen, first.chosen)
+    np.testing.assert_array_equal(again.rejected, first.rejected)
+    assert _shared_reference(config, tmp_path)[2] is False                     # the rewritten file loads
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]    # no temporary left beside it
+
+
+def test_a_worker_names_a_damaged_reference_file(builtin_probe_dir, tmp_path):
+    from trainers.runs.reference_logps import UnreadableReferenceLogps
+
+    config = _small(builtin_probe_dir)
+    _, path, _ = _shared_reference(config, tmp_path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(UnreadableReferenceLogps, match=rf"{path}: unreadable reference log-prob file"):
+        PolicyTrainer(_small(builtin_probe_dir, reference_logps_dir=str(tmp_path)))
+    assert os.path.getsize(path) == 100  # a worker reports; the driver's next request recomputes
