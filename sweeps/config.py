@@ -135,7 +135,7 @@ class EntryPoint:
     def check(self, config: SweepConfig) -> None:
         if self.losses is None:
             return
-        for option, loss in [("--loss", config.train.loss)] + [("--losses", l) for l in config.losses or []]:
+        for option, loss in [("--loss", config.train.loss)] + [("--losses", name) for name in config.losses or []]:
             if loss not in self.losses:
                 raise ValueError(f"{option}: {self.prog} trains {', '.join(self.losses)}, not {loss!r}")
 
@@ -150,11 +150,6 @@ class EntryPoint:
 
 
 DEFAULT_ENTRY = EntryPoint("sweep", "", SweepConfig(), tuple(SWEPT_BY))
-
-
-def option_paths(entry: EntryPoint) -> dict[str, tuple[str, ...]]:
-    parser = argparse.ArgumentParser(add_help=False)
-    return _add_all(parser, entry)
 
 
 def _add_all(parser: argparse.ArgumentParser, entry: EntryPoint) -> dict[str, tuple[str, ...]]:
