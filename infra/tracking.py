@@ -14,11 +14,18 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from urllib.parse import quote
+
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 _KEY_UNSAFE = re.compile(r"[^0-9A-Za-z_\-. /:]")
 _MAX_PARAM_CHARS = 6000
+# MLflow 3 sorts experiments into GenAI and model-training kinds; this kind lands on the runs, not on traces
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+DESCRIPTION_TAG = "mlflow.note.content"      # a run's description, rendered as markdown in the UI
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."  # experiment tag read by the UI's `?viewStateShareKey=<key>`
+DEFAULT_UI_URL = "http://127.0.0.1:5000"     # where `mlflow ui` listens by default
 # names of values that must never reach MLflow (an option holding a key or a token)
 SECRET_NAME = re.compile(r"(api[_-]?key|secret|password|passwd|credential|(^|[_.-])(auth|access|bearer|hf|hub)?[_-]?token)$", re.I)
 
@@ -62,12 +69,22 @@ class Tracker:
     def experiment_id(self, name: str) -> str:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
+            if experiment.tags.get(EXPERIMENT_KIND[0]) is None:  # made by an older version
+                self.client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
             return experiment.experiment_id
         artifact_location = None
         if self.tracking_uri.startswith("sqlite:///"):
             db_path = Path(self.tracking_uri[len("sqlite:///"):])
             artifact_location = (db_path.parent / "mlartifacts").as_uri()
-        return self.client.create_experiment(name, artifact_location=artifact_location)
+        return self.client.create_experiment(name, artifact_location=artifact_location, tags=dict([EXPERIMENT_KIND]))
+
+    def set_description(self, run_id: str, markdown: str) -> None:
+        """The run's description in the UI (rendered markdown)."""
+        self.set_tags(run_id, {DESCRIPTION_TAG: markdown})
+
+    def share_view(self, experiment_id: str, key: str, view: Mapping[str, Any]) -> None:
+        """A saved runs-page view (search facets and table/chart state) that `?viewStateShareKey=<key>` opens."""
+        self.client.set_experiment_tag(experiment_id, SHARED_VIEW_PREFIX + key, json.dumps(view))
 
     def start_run(self, experiment_id: str, run_name: str, params: Mapping[str, Any] | None = None,
                   tags: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> str:
@@ -152,6 +169,50 @@ def mlflow_ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
+def ui_base_url(tracking_uri: str) -> str:
+    """The browser address of the UI: the tracking server itself, or where `mlflow ui` listens by default."""
+    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else DEFAULT_UI_URL
+
+
+def runs_view_url(base_url: str, experiment_id: str, share_key: str | None = None, charts: bool = True) -> str:
+    """The experiment's runs in the "Model training" view (`workflowType=machine_learning`), optionally a saved
+    view and the chart mode (one chart per metric, a line per visible run)."""
+    query = ["workflowType=machine_learning"]
+    if share_key:
+        query.append(f"viewStateShareKey={quote(share_key)}")
+    if charts:
+        query.append("compareRunsMode=CHART")
+    return f"{base_url}/#/experiments/{experiment_id}/runs?{'&'.join(query)}"
+
+
+def run_url(base_url: str, experiment_id: str, run_id: str) -> str:
+    return f"{base_url}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def compare_runs_url(base_url: str, experiment_id: str, run_ids: Iterable[str]) -> str:
+    """MLflow's compare page of the given runs (params side by side, metric plots)."""
+    runs = quote(json.dumps(list(run_ids), separators=(",", ":")))
+    experiments = quote(json.dumps([str(experiment_id)], separators=(",", ":")))
+    return f"{base_url}/#/compare-runs?runs={runs}&experiments={experiments}"
+
+
+def markdown_table(rows: Iterable[Mapping[str, Any]], columns: list[str], digits: int = 2) -> str:
+    """A GitHub-style markdown table; missing cells blank, '|' escaped; floats in columns named like
+    `delta...` signed with `digits` decimals (they are changes), other floats with 4 significant digits."""
+    def cell(value, column: str) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        if isinstance(value, float):
+            text = f"{value:+.{digits}f}" if "delta" in column else f"{value:.4g}"
+        else:
+            text = str(value)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c), c) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def configure_quiet_logging() -> None:
     """MLflow prints a line per created run and store migration; keep progress output readable."""
     import logging
@@ -160,4 +221,5 @@ def configure_quiet_logging() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-__all__ = ["Tracker", "default_tracking_uri", "flatten_params", "mlflow_ui_command", "configure_quiet_logging"]
+__all__ = ["Tracker", "default_tracking_uri", "flatten_params", "mlflow_ui_command", "configure_quiet_logging",
+           "ui_base_url", "runs_view_url", "run_url", "compare_runs_url", "markdown_table"]

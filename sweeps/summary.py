@@ -11,6 +11,7 @@ from probes.diagnostics import peak_of
 from probes.plots import plot_category_curves, plot_sweep_comparison
 from sweeps.context import CATEGORIES
 from sweeps.search import SEARCHABLE
+from sweeps.sweep_ui import format_sweep_links, publish_sweep_ui
 from infra.tracking import Tracker, mlflow_ui_command
 
 FAILURE_TAG = "failure"  # set by the trial: why its run failed, in one line
@@ -72,6 +73,8 @@ def summarize_sweep(tracker: Tracker, name: str, parent_run_id: str, experiment_
                            "figures/category_curves.png")
         tracker.log_figure(parent_run_id, plot_sweep_comparison(table, x, group_by, CATEGORIES, title=f"sweep {name}"),
                            f"figures/final_delta_vs_{x}.png")
+        publish_sweep_ui(tracker, name, experiment_id, parent_run_id, table, searched,  # description + saved view
+                         ["figures/category_curves.png", f"figures/final_delta_vs_{x}.png", "summary/sweep_summary.csv"])
     failed = [r["run_name"] for r in table if r["status"] not in ("FINISHED", "KILLED")]
     return table, failed
 
@@ -104,3 +107,4 @@ def print_outcome(outcome) -> None:
             print(f"  failed trial {line}", file=sys.stderr)
     print(f"\nresults: MLflow {outcome.tracking_uri}\n  experiment: {outcome.experiment_name}\n"
           f"  parent run: {outcome.parent_run_id}\n  open with:  {mlflow_ui_command(outcome.tracking_uri)}")
+    print(format_sweep_links(outcome.tracking_uri, outcome.parent_run_id, outcome.trial_run_ids))
