@@ -81,7 +81,7 @@ class PolicyTrainer:
             from trainers.runs.deepspeed_strategy import ZeroStrategy
 
             self.strategy = ZeroStrategy(config)
-        self.pool = pool             # rollout actors (rollout.actors.RolloutPool), or None: decode in-process
+        self.pool = pool             # a rollout pool (Ray actors or in-process engines), or None: decode here
         self.policy_version = -1     # the step whose weights the actors hold
         self.last_sync_s = 0.0
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
