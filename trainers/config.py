@@ -130,10 +130,6 @@ class TrainConfig(DataSettings):
     lora_rank: int = _f(0, "LoRA rank: train rank-r adapters on the frozen model (0: train every weight; needs the lora extra)", range=NON_NEGATIVE)
     lora_alpha: float = _f(16.0, "LoRA alpha: the adapters' update is scaled by alpha / rank", range=POSITIVE)
     lora_target_modules: str = _f("all-linear", "modules that get adapters: 'all-linear' (every linear layer but the output head) or comma-separated names, e.g. 'q_proj,v_proj' (Llama) or 'query_key_value' (GPT-NeoX)")
-    # LoRA (PEFT): rank-r adapters on a frozen base; the reference is that base with the adapters off (trainers.model.lora)
-    lora_rank: int = _f(0, "LoRA rank: train rank-r adapters on the frozen model (0: train every weight; needs the lora extra)", range=NON_NEGATIVE)
-    lora_alpha: float = _f(16.0, "LoRA alpha: the adapters' update is scaled by alpha / rank", range=POSITIVE)
-    lora_target_modules: str = _f("all-linear", "modules that get adapters: 'all-linear' (every linear layer but the output head) or comma-separated names, e.g. 'q_proj,v_proj' (Llama) or 'query_key_value' (GPT-NeoX)")
 
     def __post_init__(self):
         if isinstance(self.rollout, dict):  # from YAML or a recorded config
@@ -147,10 +143,6 @@ class TrainConfig(DataSettings):
         if self.strategy == "deepspeed" and self.loss == "ppo":
             raise ValueError("strategy 'deepspeed' does not support loss 'ppo' yet (PPO runs its own update loop); "
                              "use --strategy ddp for PPO")
-        if self.lora_rank and self.strategy == "deepspeed":
-            raise ValueError("--lora-rank with --strategy deepspeed is not supported yet; use --strategy ddp with LoRA")
-        if self.lora_rank and not [m for m in self.lora_target_modules.split(",") if m.strip()]:
-            raise ValueError("--lora-target-modules: name at least one module, or 'all-linear'")
         if self.lora_rank and self.strategy == "deepspeed":
             raise ValueError("--lora-rank with --strategy deepspeed is not supported yet; use --strategy ddp with LoRA")
         if self.lora_rank and not [m for m in self.lora_target_modules.split(",") if m.strip()]:
