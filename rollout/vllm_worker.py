@@ -1,39 +1,74 @@
-"""Methods vLLM mixes into each of its GPU workers (`worker_extension_cls`), called through
-`LLM.collective_rpc`. Imported by vLLM inside its worker processes only; `self.model_runner` and
-`self.device` are the worker's own."""
+"""Methods vLLM mixes into each of its workers (`worker_extension_cls`), called through
+`LLM.collective_rpc`. Imported by vLLM inside its worker processes only; `self.model_runner`,
+`self.device` and `self.rank` are the worker's own.
+
+`collective_rpc` serializes its arguments with msgpack, which turns tensors into nested lists: the
+object-store path therefore sends each bucket as safetensors bytes and rebuilds tensors here.
+"""
 from __future__ import annotations
 
-from datetime import timedelta
+
+def _checksum(tensors) -> float:
+    return float(sum(t.detach().double().sum().item() for t in tensors))
 
 
 class WeightSyncExtension:
-    def load_cpu_state_dict(self, state_dict: dict) -> int:
-        """Weights handed over as CPU tensors; vLLM's loader maps HF names to its fused layout."""
-        loaded = self.model_runner.model.load_weights(weights=list(state_dict.items()))
-        return len(loaded) if loaded is not None else len(state_dict)
+    """Weights are reloaded through vLLM's layerwise reload: on CPU it packs linear weights for its
+    kernels after loading (and drops the plain tensors), so a bare `model.load_weights` after start-up
+    fails; the reload restores each layer, loads it and packs it again."""
 
-    def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
-                                 timeout_s: float) -> None:
-        """Join the trainer's weight-broadcast group: the trainer is rank 0, workers follow."""
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.parallel_state import get_world_group
-        from vllm.distributed.utils import StatelessProcessGroup
+    def begin_bucket_reload(self) -> None:
+        from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
 
-        rank = get_world_group().rank + rank_offset
-        group = StatelessProcessGroup.create(host=master_address, port=master_port, rank=rank, world_size=world_size,
-                                             store_timeout=int(timeout_s))
-        self._weight_group = PyNcclCommunicator(group, device=self.device)
-        self._weight_timeout = timedelta(seconds=timeout_s)
+        initialize_layerwise_reload(self.model_runner.model)
+        self._received_sum = 0.0
 
-    def receive_weights(self, metadata: list) -> int:
-        """Receive every tensor rank 0 broadcasts, in the order of `metadata`, and load it."""
-        import torch
+    def load_safetensors_bucket(self, blob: bytes) -> int:
+        """One bucket of the state dict as safetensors bytes, between begin_ and end_bucket_reload."""
+        from safetensors.torch import load
 
-        if not hasattr(self, "_weight_group"):
-            raise RuntimeError("receive_weights before init_weight_update_group")
-        for name, dtype, shape in metadata:
-            tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-            self._weight_group.broadcast(tensor, src=0, stream=torch.cuda.current_stream())
-            self.model_runner.model.load_weights(weights=[(name, tensor)])
-        torch.cuda.synchronize()
-        return len(metadata)
+        tensors = load(blob)
+        self._received_sum += _checksum(tensors.values())
+        self.model_runner.model.load_weights(weights=[(k, v.to(self.device)) for k, v in tensors.items()])
+        return len(tensors)
+
+    def end_bucket_reload(self) -> None:
+        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model_runner.model, self.model_runner.model_config)
+
+    def received_checksum(self) -> float | None:
+        """float64 sum of every tensor the last update loaded (None before any): the trainer compares it
+        with the sum of what it sent. (On CPU vLLM packs linear weights into kernel formats, so the
+        model's own parameters cannot be summed the same way.)"""
+        return getattr(self, "_received_sum", None)
+
+    def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> int:
+        """Join the trainer's broadcast group (rank 0 is the trainer; this worker is rank_offset + its rank)."""
+        from rollout.weight_broadcast import join_group
+
+        rank = rank_offset + int(getattr(self, "rank", 0))
+        self._weight_group = join_group(host, port, rank, world_size, timeout_s, self.device)
+        self._weight_timeout_s = timeout_s
+        return rank
+
+    def receive_weight_buckets(self, buckets: list) -> int:
+        """Receive every bucket rank 0 broadcasts (plan from rollout.weight_broadcast.plan_buckets) and load it."""
+        from rollout.weight_broadcast import Bucket, receive_buckets
+
+        if getattr(self, "_weight_group", None) is None:
+            raise RuntimeError("receive_weight_buckets before join_weight_group")
+        plan = [b if isinstance(b, Bucket) else Bucket(b[0], tuple((n, tuple(s)) for n, s in b[1])) for b in buckets]
+        received, self._received_sum = [0], 0.0
+
+        def weights():
+            for tensors in receive_buckets(self._weight_group, plan, self.device, self._weight_timeout_s):
+                received[0] += len(tensors)
+                self._received_sum += _checksum(t for _, t in tensors)
+                yield from tensors
+
+        self.model_runner.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
+        return received[0]
+
+    def leave_weight_group(self) -> None:
+        self._weight_group = None
