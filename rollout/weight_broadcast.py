@@ -11,6 +11,7 @@ uses `join_group` and `receive_buckets`.
 """
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterator, Mapping
@@ -124,9 +125,13 @@ class WeightBroadcaster:
             raise ValueError(f"a broadcast group needs rank 0 and at least one receiver; world_size={world_size}")
         self.world_size, self.timeout_s, self.host = world_size, timeout_s, host
         self.device = torch.device(device)
-        self.store = dist.TCPStore(host, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
-                                   wait_for_workers=False)
-        self.port = self.store.port
+        # the store listens on `host` only (a socket bound here and handed over; TCPStore alone binds every interface)
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind((host, 0))
+        self._listener.listen()
+        self.port = self._listener.getsockname()[1]
+        self.store = dist.TCPStore(host, self.port, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
+                                   wait_for_workers=False, master_listen_fd=self._listener.fileno())
         self.group: dist.ProcessGroup | None = None
 
     @property
@@ -147,5 +152,5 @@ class WeightBroadcaster:
             raise RuntimeError(f"{acknowledged - 1} of {self.world_size - 1} receivers acknowledged the weights")
 
     def close(self) -> None:
-        self.group = None
-        self.store = None
+        self.group = self.store = None
+        self._listener.close()
