@@ -49,7 +49,7 @@ def screenshot(chromium: str, url: str, path: Path, size: str, wait_ms: int) -> 
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
         subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={size}",
                         f"--virtual-time-budget={wait_ms}", f"--screenshot={path}", url],
-                       check=True, capture_output=True, timeout=180)
+                       check=True, capture_output=True, timeout=600)  # a loaded 2-core machine needs minutes
 
 
 def latest_sweep(tracker: Tracker, experiment_name: str | None):
@@ -97,7 +97,10 @@ def main(argv=None) -> int:
             print(f"{out / name}: {url}")
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
     return 0
 
 

@@ -3,9 +3,11 @@ summary table and names its figures, a saved view shows every trial unfolded wit
 the end-of-sweep message links to that view, the parent run and the compare page of the trials.
 
 MLflow (3.17) folds child runs under their parent in the runs table and draws charts only for
-visible rows. A shared view state (experiment tag `mlflow.sharedViewState.<key>`, opened by the
-URL parameter `viewStateShareKey`) can carry `runsExpanded`, so the link opens with the parent
-unfolded; `runsHiddenMode: SHOW_ALL` keeps the charts from stopping at the first 10 runs.
+visible rows. It nests children only while no search filter is set, and a shared view state
+(experiment tag `mlflow.sharedViewState.<key>`, opened by the URL parameter `viewStateShareKey`)
+carries a search filter, but not `runsExpanded` (the UI drops that key from shared views). So the
+saved view filters on the sweep's parent run id: its trials are listed flat, each drawn in the
+charts; `runsHiddenMode: SHOW_ALL` keeps the charts from stopping at the first 10 runs.
 """
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ def share_key(parent_run_id: str) -> str:
 
 
 def sweep_view(parent_run_id: str) -> dict:
-    """The saved view: newest runs first, the sweep's parent unfolded, every run drawn in the charts."""
-    return {"orderByKey": "attributes.start_time", "orderByAsc": False, "searchFilter": "",
-            "runsExpanded": {parent_run_id: True}, "runsHiddenMode": "SHOW_ALL"}
+    """The saved view: the sweep's trials (not its warm-ups), flat, newest first, every one drawn in the charts."""
+    return {"orderByKey": "attributes.start_time", "orderByAsc": False,
+            "searchFilter": f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = 'sweep'",
+            "runsHiddenMode": "SHOW_ALL"}
 
 
 def sweep_description(name: str, table: Sequence[dict], searched: Sequence[str], figures: Sequence[str],

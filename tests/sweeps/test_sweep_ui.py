@@ -50,7 +50,9 @@ def test_finished_sweep_describes_itself_and_saves_an_unfolded_view(finished_swe
     assert "| beta=0.5 | 0.5 | FINISHED | -15.00 | 0 |" in description
     assert "`figures/category_curves.png`" in description and "`figures/final_delta_vs_beta.png`" in description
     view = json.loads(tracker.client.get_experiment(experiment).tags[SHARED_VIEW_PREFIX + share_key(parent)])
-    assert view["runsExpanded"] == {parent: True} and view["runsHiddenMode"] == "SHOW_ALL"
+    assert view["searchFilter"] == f"tags.mlflow.parentRunId = '{parent}' and tags.stage = 'sweep'"
+    assert view["runsHiddenMode"] == "SHOW_ALL"
+    assert {r.info.run_id for r in tracker.client.search_runs([experiment], view["searchFilter"])} == set(trials)
     lines = format_sweep_links(uri, parent, trials).splitlines()
     assert [line.split(":")[0].strip() for line in lines] == ["runs", "parent run", "compare trials"]
     assert f"#/experiments/{experiment}/runs?workflowType=machine_learning&viewStateShareKey={share_key(parent)}" in lines[0]
