@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Mapping
 
 from infra.cli import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Parser, add_settings, check_ranges, setting as _f, with_values
+from infra.uri_credentials import refuse_credentials
 from trainers.config import OBJECTIVES, SFT_RECIPES, TrainConfig
 
 # trial field -> the sweep option that lists its values
@@ -60,6 +61,7 @@ class SweepConfig:
             self.train = TrainConfig.from_dict(self.train)
         check_ranges(self)
         check_name(self.name)
+        refuse_credentials(self)  # also the train section's URIs (init checkpoint, probe set, reward model)
         self.worker_share_by_model()
         self.worker_resource_requests()
         if self.resume and self.overwrite:

@@ -19,6 +19,7 @@ if __package__ in (None, ""):
 
 from infra.cli import AT_LEAST_1, POSITIVE, Parser, add_settings, check_ranges, setting, with_values  # noqa: E402
 from infra import storage as store  # noqa: E402
+from infra.uri_credentials import refuse_credentials  # noqa: E402
 from sweeps.config import check_name, resolve_storage_path  # noqa: E402
 from trainers.config import RewardModelConfig  # noqa: E402
 
@@ -49,6 +50,8 @@ def parse_args(argv: list[str] | None) -> tuple[RewardSweep, RewardModelConfig]:
     try:
         sweep = with_values(RewardSweep(), {sweep_paths[k]: v for k, v in args.items() if k in sweep_paths})
         reward = with_values(RewardModelConfig(), {reward_paths[k]: v for k, v in args.items() if k in reward_paths})
+        refuse_credentials(sweep)
+        refuse_credentials(reward)
     except (ValueError, TypeError) as error:
         parser.error(str(error))
     return sweep, reward
