@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--experiment-name", default=None)
     parser.add_argument("--out", default="mlflow_screenshots")
     parser.add_argument("--size", default="1600,1000", help="window WIDTH,HEIGHT")
-    parser.add_argument("--wait-ms", type=int, default=20000, help="virtual time for the page to load its runs and charts")
+    parser.add_argument("--wait-ms", type=int, default=45000, help="virtual time for the page to load its runs and charts")
     args = parser.parse_args(argv)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:

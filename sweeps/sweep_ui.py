@@ -5,8 +5,8 @@ the end-of-sweep message links to that view, the parent run and the compare page
 MLflow (3.17) folds child runs under their parent in the runs table and draws charts only for
 visible rows. It nests children only while no search filter is set, and a shared view state
 (experiment tag `mlflow.sharedViewState.<key>`, opened by the URL parameter `viewStateShareKey`)
-carries a search filter, but not `runsExpanded` (the UI drops that key from shared views). So the
-saved view filters on the sweep's parent run id: its trials are listed flat, each drawn in the
+carries a search filter and order, but not `runsExpanded` (the UI drops that key from shared views). So the
+saved view filters on the sweep's parent run id and sorts by run name: its trials are listed flat, each drawn in the
 charts; `runsHiddenMode: SHOW_ALL` keeps the charts from stopping at the first 10 runs.
 """
 from __future__ import annotations
@@ -23,8 +23,9 @@ def share_key(parent_run_id: str) -> str:
 
 
 def sweep_view(parent_run_id: str) -> dict:
-    """The saved view: the sweep's trials (not its warm-ups), flat, newest first, every one drawn in the charts."""
-    return {"orderByKey": "attributes.start_time", "orderByAsc": False,
+    """The saved view: the sweep's trials (not its warm-ups), flat, by name, every one drawn in the charts.
+    (Sorting by start time would nest them again: the UI nests under a filter when the order is by date.)"""
+    return {"orderByKey": "tags.`mlflow.runName`", "orderByAsc": True,  # the UI's own key of its "Run Name" sort
             "searchFilter": f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = 'sweep'",
             "runsHiddenMode": "SHOW_ALL"}
 
