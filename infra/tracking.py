@@ -186,7 +186,8 @@ def runs_view_url(base_url: str, experiment_id: str, share_key: str | None = Non
 
 
 def run_url(base_url: str, experiment_id: str, run_id: str) -> str:
-    return f"{base_url}/#/experiments/{experiment_id}/runs/{run_id}"
+    """A run's page; without `workflowType` a fresh browser shows it among GenAI "Evaluation runs"."""
+    return f"{base_url}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def compare_runs_url(base_url: str, experiment_id: str, run_ids: Iterable[str]) -> str:

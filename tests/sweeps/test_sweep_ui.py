@@ -56,7 +56,7 @@ def test_finished_sweep_describes_itself_and_saves_an_unfolded_view(finished_swe
     lines = format_sweep_links(uri, parent, trials).splitlines()
     assert [line.split(":")[0].strip() for line in lines] == ["runs", "parent run", "compare trials"]
     assert f"#/experiments/{experiment}/runs?workflowType=machine_learning&viewStateShareKey={share_key(parent)}" in lines[0]
-    assert lines[1].endswith(f"#/experiments/{experiment}/runs/{parent}")
+    assert lines[1].endswith(f"#/experiments/{experiment}/runs/{parent}?workflowType=machine_learning")
     assert all(t in unquote(lines[2]) for t in trials)
 
 
