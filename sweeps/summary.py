@@ -9,6 +9,7 @@ import sys
 
 from probes.diagnostics import peak_of
 from probes.plots import plot_category_curves, plot_sweep_comparison
+from probes.seed_bands import aggregate_over_seeds
 from sweeps.context import CATEGORIES
 from sweeps.search import SEARCHABLE
 from sweeps.sweep_ui import format_sweep_links, publish_sweep_ui
@@ -68,6 +69,10 @@ def summarize_sweep(tracker: Tracker, name: str, parent_run_id: str, experiment_
     if table:
         x, group_by = comparison_axes(table, searched)
         tracker.log_dataframe(parent_run_id, pd.DataFrame(table), "summary/sweep_summary.csv")
+        if len({r.get("seed") for r in table}) > 1:  # repeated seeds: mean and 95% interval per swept point
+            values = sorted({k for r in table for k in r if k.startswith(("delta/", "delta_tok/", "peak_delta/"))})
+            tracker.log_dataframe(parent_run_id, pd.DataFrame(aggregate_over_seeds(table, values)),
+                                  "summary/sweep_summary_over_seeds.csv")
         curves = {r["run_name"]: {c: tracker.metric_history(r["run_id"], f"logp/{c}") for c in CATEGORIES} for r in table}
         tracker.log_figure(parent_run_id, plot_category_curves(curves, title=f"sweep {name}: Δ log p per category"),
                            "figures/category_curves.png")

@@ -65,3 +65,24 @@ def test_an_older_experiment_gets_its_kind(tmp_path):
     old = tracker.client.create_experiment("made-before")
     assert tracker.experiment_id("made-before") == old
     assert tracker.client.get_experiment(old).tags[EXPERIMENT_KIND[0]] == EXPERIMENT_KIND[1]
+
+
+def test_two_seeds_give_a_mean_and_interval_per_point(tmp_path):
+    import pandas as pd
+    from scipy import stats
+
+    tracker = Tracker(default_tracking_uri(tmp_path))
+    experiment = tracker.experiment_id("seeds")
+    parent = tracker.start_run(experiment, "sweep:seeds")
+    for beta, seed, end in [(0.1, 0, -2.0), (0.1, 1, -4.0), (0.5, 0, -9.0), (0.5, 1, -11.0)]:
+        child = tracker.start_run(experiment, f"beta={beta} seed={seed}", parent_run_id=parent, tags={"stage": "sweep"},
+                                  params={"beta": beta, "seed": seed, "lr": 1e-4, "loss": "dpo"})
+        tracker.log_metrics_by_step(child, [(0, {"logp/chosen": -20.0}), (10, {"logp/chosen": -20.0 + end})])
+        tracker.end_run(child)
+    summarize_sweep(tracker, "seeds", parent, experiment, ["beta", "seed"])
+    frame = pd.read_csv(tracker.download_artifact(parent, "summary/sweep_summary_over_seeds.csv", tmp_path / "dl"))
+    frame = frame.sort_values("beta")
+    assert frame["beta"].tolist() == [0.1, 0.5] and frame["n_seeds"].tolist() == [2, 2]
+    assert frame["delta/chosen"].tolist() == pytest.approx([-3.0, -10.0])
+    half = stats.t.ppf(0.975, 1) * 2 ** 0.5 / 2 ** 0.5  # s = sqrt(2), n = 2
+    assert frame["delta/chosen_ci_low"].tolist() == pytest.approx([-3.0 - half, -10.0 - half])
