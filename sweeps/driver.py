@@ -28,7 +28,8 @@ from sweeps.search import search_space, searched_values, warmup_key
 from sweeps.stages import run_stage, shared_reference_logps, shared_sft_warmups, unsatisfiable_resources
 from infra import storage as store
 from trainers.config import TrainConfig
-from trainers.data.pairs import load_preference_data
+from trainers.data.pairs import LOCAL_SUFFIXES, load_preference_data
+from trainers.data.schema import DataError
 
 if TYPE_CHECKING:
     from infra.tracking import Tracker
@@ -82,9 +83,16 @@ def warn_if_store_is_node_local(tracking_uri: str, address: str | None) -> bool:
     return True
 
 
-def prepare_probe_set(train: TrainConfig, storage: str) -> tuple[ProbeSet, str]:
+def training_overlap(probe_set: ProbeSet, num_prompts: int, training_prompts: set[str]) -> int:
+    """How many of the prompts trials score are also training prompts."""
+    return sum(prompt in training_prompts for prompt in probe_set.prompts[:num_prompts])
+
+
+def prepare_probe_set(train: TrainConfig, storage: str, training_prompts: set[str]) -> tuple[ProbeSet, str]:
     """The probe set every trial scores: a given folder (or URI), or built once from the eval split and
-    cached under the storage; with remote storage it is built here and published there."""
+    cached under the storage; with remote storage it is built here and published there. A built set
+    never holds a training prompt (eval pairs that repeat one are left out first); a given set that
+    does is used, with a warning, since its author chose it."""
     if train.probe_set_dir:
         # absolute: Ray workers run in other directories; a URI stays one (workers fetch their own copy)
         directory = train.probe_set_dir if store.is_uri(train.probe_set_dir) else str(Path(train.probe_set_dir).resolve())
@@ -92,12 +100,29 @@ def prepare_probe_set(train: TrainConfig, storage: str) -> tuple[ProbeSet, str]:
         if len(probe_set.prompts) > train.num_probe_prompts:
             print(f"note: the probe set has {len(probe_set.prompts)} prompts; trials score the first "
                   f"{train.num_probe_prompts} (--num-probe-prompts)", flush=True)
+        overlap = training_overlap(probe_set, train.num_probe_prompts, training_prompts)
+        if overlap:
+            print(f"warning: --probe-set {train.probe_set_dir}: {overlap} of its scored prompts are also training "
+                  f"prompts of {train.dataset} [{train.train_split}], so their curves mix memorisation with "
+                  "generalisation; build the probe set from held-out data (sweeps/build_probes.py --split)",
+                  file=sys.stderr, flush=True)
         return probe_set, directory
-    data = load_preference_data(train.dataset, train.eval_split, skip_bad_rows=train.skip_bad_rows)
+    data = load_preference_data(train.dataset, train.eval_split, skip_bad_rows=train.skip_bad_rows,
+                                holdout_fraction=train.holdout_fraction)
+    held_out = [pair for pair in data.pairs if pair.prompt not in training_prompts]
+    if len(held_out) < len(data.pairs):
+        print(f"note: {len(data.pairs) - len(held_out)} of {len(data.pairs)} {train.eval_split} pairs repeat a training "
+              "prompt and are left out of the probe set", flush=True)
+    if not held_out:
+        raise SystemExit(f"error: --dataset {train.dataset}: its {train.eval_split} split has no pair whose prompt is not "
+                         "a training prompt, so no probe set can be built; raise --holdout-fraction (a local file) "
+                         "or pass --eval-split / --probe-set")
     build_root = store.cache_root() / "probe_sets" if store.is_remote(storage) else Path(storage) / "probe_sets"
-    directory = cached_probe_set_dir(build_root, data.pairs, RuleBasedGenerator(),
+    directory = cached_probe_set_dir(build_root, held_out, RuleBasedGenerator(),
                                      train.num_probe_prompts, train.seed, f"{train.dataset}:{train.eval_split}")
     probe_set = ProbeSet.load(directory)
+    if training_overlap(probe_set, len(probe_set.prompts), training_prompts):  # the filter above makes this a bug
+        raise RuntimeError(f"probe set {directory} holds a training prompt")
     if not store.is_remote(storage):
         return probe_set, str(directory)
     published = store.join(storage, "probe_sets", directory.name)  # content-keyed: publish once, reuse after
@@ -107,13 +132,44 @@ def prepare_probe_set(train: TrainConfig, storage: str) -> tuple[ProbeSet, str]:
     return probe_set, published
 
 
-def check_training_data(train: TrainConfig) -> int:
-    """Parse the training data once in the driver, so a bad row stops the sweep before any worker starts."""
+def check_training_data(train: TrainConfig) -> tuple[int, set[str]]:
+    """Parse the training data once in the driver, so a bad row stops the sweep before any worker
+    starts; (pairs, their prompts), the prompts for keeping the probe set held out."""
     data = load_preference_data(train.dataset, train.train_split, skip_bad_rows=train.skip_bad_rows,
-                                max_rows=train.max_train_pairs)
+                                max_rows=train.max_train_pairs, holdout_fraction=train.holdout_fraction)
     if data.skipped:
         print(f"skipped {len(data.skipped)} bad rows of {train.dataset} (first: {data.skipped[0]})")
-    return len(data.pairs)
+    return len(data.pairs), {pair.prompt for pair in data.pairs}
+
+
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def context_length(model: str) -> int | None:
+    """The longest sequence `model` takes (its config's position limit); None when it does not say."""
+    from trainers.model.factory import TINY_PYTHIA_SIZES, tiny_pythia_config
+    from trainers.model.pretrained import resolve_model_path
+
+    path = resolve_model_path(model)
+    if path in TINY_PYTHIA_SIZES:
+        model_config = tiny_pythia_config(path)
+    else:
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(path)
+    return next((int(getattr(model_config, name)) for name in CONTEXT_FIELDS
+                 if isinstance(getattr(model_config, name, None), int)), None)
+
+
+def context_length_problem(train: TrainConfig, models: list[str]) -> str | None:
+    """One line when a prompt and a response at their limits would not fit a model's context."""
+    needed = train.max_prompt_tokens + train.max_response_tokens
+    for model in models:
+        limit = context_length(model)
+        if limit is not None and needed > limit:
+            return (f"--max-prompt-tokens ({train.max_prompt_tokens}) + --max-response-tokens ({train.max_response_tokens})"
+                    f" = {needed} tokens exceed the context length of {model} ({limit}); lower them to {limit} in all")
+    return None
 
 
 def check_before_start(config: SweepConfig, storage: str, searched: dict[str, list]) -> None:
@@ -132,7 +188,7 @@ def check_before_start(config: SweepConfig, storage: str, searched: dict[str, li
 
 
 def open_parent_run(tracker: "Tracker", config: SweepConfig, storage: str, probe_set: ProbeSet, probe_dir: str,
-                    num_pairs: int) -> tuple[str, str]:
+                    num_pairs: int, probe_overlap: int = 0, probe_split: str = "") -> tuple[str, str]:
     """(experiment id, parent run id): a new parent run, or with --resume the interrupted one."""
     state_path = store.join(storage, config.name, STATE_FILE)
     if config.resume:
@@ -149,7 +205,8 @@ def open_parent_run(tracker: "Tracker", config: SweepConfig, storage: str, probe
     experiment_id = tracker.experiment_id(config.experiment_name)
     parent_run_id = tracker.start_run(
         experiment_id, f"sweep:{config.name}",
-        params={**config.to_dict(), "probe_set_hash": probe_set.content_hash(), "train_pairs": num_pairs},
+        params={**config.to_dict(), "probe_set_hash": probe_set.content_hash(), "train_pairs": num_pairs,
+                "probe_split": probe_split, "probe_prompts_in_training": probe_overlap},
         tags={"sweep": config.name, "entry_point": Path(sys.argv[0]).name},
     )
     tracker.log_text(parent_run_id, yaml.safe_dump(config.to_dict(), sort_keys=True), "config/resolved_config.yaml")
@@ -159,6 +216,16 @@ def open_parent_run(tracker: "Tracker", config: SweepConfig, storage: str, probe
     store.write_text(state_path, json.dumps({"parent_run_id": parent_run_id, "experiment_id": experiment_id,
                                              "tracking_uri": tracker.tracking_uri}))
     return experiment_id, parent_run_id
+
+
+def split_description(train: TrainConfig) -> str:
+    """Where the probe prompts come from, as the run records it (before the sweep sets probe_set_dir)."""
+    if train.probe_set_dir:
+        return f"given probe set {train.probe_set_dir}"
+    if train.dataset.lower().endswith(LOCAL_SUFFIXES):
+        return (f"local file: prompts with sha256 below {train.holdout_fraction:g} of the range held out "
+                f"(--holdout-fraction), split {train.train_split!r} trains, {train.eval_split!r} probes")
+    return f"{train.dataset} splits: {train.train_split!r} trains, {train.eval_split!r} probes"
 
 
 def close_unfinished_runs(tracker: "Tracker", config: SweepConfig, experiment_id: str, parent_run_id: str) -> None:
@@ -197,12 +264,18 @@ def run_sweep(config: SweepConfig, param_space: dict) -> SweepOutcome:
             load_tokenizer(model)  # builds and caches the built-in tokenizer (or smollm2-135m's folder) once, before workers race for it
         if config.train.lora_rank:
             require_peft()
+        too_long = context_length_problem(config.train, searched.get("model", [config.train.model]))
+        if too_long:
+            raise SystemExit(f"error: {too_long}")
     except MissingPackageError as error:
         raise SystemExit(f"error: {error}") from None
-    num_pairs = check_training_data(config.train)
-    probe_set, probe_dir = prepare_probe_set(config.train, storage)
+    num_pairs, training_prompts = check_training_data(config.train)
+    split = split_description(config.train)
+    probe_set, probe_dir = prepare_probe_set(config.train, storage, training_prompts)
+    probe_overlap = training_overlap(probe_set, config.train.num_probe_prompts, training_prompts)
     config = replace(config, train=replace(config.train, probe_set_dir=probe_dir))
-    experiment_id, parent_run_id = open_parent_run(tracker, config, storage, probe_set, probe_dir, num_pairs)
+    experiment_id, parent_run_id = open_parent_run(tracker, config, storage, probe_set, probe_dir, num_pairs,
+                                                   probe_overlap, split)
     print(f"MLflow parent run {parent_run_id} (experiment {config.experiment_name!r}); "
           f"probe set {probe_set.content_hash()}: {len(probe_set.prompts)} prompts x {len(CATEGORIES)} categories")
 
@@ -244,7 +317,10 @@ def run_entry_point(config: SweepConfig, searched: dict) -> int:
     (1 when any trial failed; each failure is printed in one line)."""
     from sweeps.summary import print_outcome
 
-    outcome = run_sweep(config, search_space(config, searched))
+    try:
+        outcome = run_sweep(config, search_space(config, searched))
+    except DataError as error:  # a bad row the driver's data check found, before any trial: one line, no traceback
+        raise SystemExit(f"error: {error}") from None
     print_outcome(outcome)
     return 1 if outcome.failed_trials else 0
 

@@ -20,7 +20,7 @@ from infra import storage as store
 from trainers.config import TrainConfig, is_preference
 
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node this resource (amount 1)
-SFT_KEY_FIELDS = ("model", "dataset", "train_split", "max_train_pairs", "skip_bad_rows", "max_prompt_tokens",
+SFT_KEY_FIELDS = ("model", "dataset", "train_split", "holdout_fraction", "max_train_pairs", "skip_bad_rows", "max_prompt_tokens",
                   "max_response_tokens", "truncation", "micro_batch_size", "grad_accum_steps", "warmup_steps",
                   "weight_decay", "max_grad_norm", "seed", "num_workers")
 

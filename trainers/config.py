@@ -48,6 +48,7 @@ class DataSettings:
     dataset: str = _f("builtin", "'builtin', a local .jsonl/.json/.parquet file, or a hub data set such as 'Anthropic/hh-rlhf:helpful-base'")
     train_split: str = _f("train", "split of `dataset` to train on")
     eval_split: str = _f("test", "split the probe prompts (or a reward model's held-out pairs) come from")
+    holdout_fraction: float = _f(0.1, "a local data file's share of prompts held out from training (chosen by prompt hash: deterministic); they form its eval split", range=Range(0, 1, low_open=True, high_open=True))
     max_train_pairs: int | None = _f(None, "use only the first N valid training pairs", range=AT_LEAST_1)
     skip_bad_rows: bool = _f(False, "skip (and count) malformed data rows instead of stopping at the first")
     max_prompt_tokens: int = _f(160, "prompts are cut from the left (the oldest turns go first) to this many tokens", range=AT_LEAST_1)

@@ -102,7 +102,7 @@ def collate_preference_batch(pairs: Sequence[TokenizedPair], pad_id: int) -> dic
 def load_training_pairs(config, tokenizer) -> tuple[LoadedData, list[TokenizedPair], list[DataError]]:
     """The training split of `config.dataset`, parsed and tokenized under the config's policy."""
     data = load_preference_data(config.dataset, config.train_split, skip_bad_rows=config.skip_bad_rows,
-                                max_rows=config.max_train_pairs)
+                                max_rows=config.max_train_pairs, holdout_fraction=config.holdout_fraction)
     pairs, skipped = tokenize_pairs(tokenizer, data.pairs, config.max_prompt_tokens, config.max_response_tokens,
                                     config.truncation, config.skip_bad_rows)
     return data, pairs, skipped

@@ -8,6 +8,7 @@ study read Anthropic HH, whose rows are whole transcripts; the prompt is everyth
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,6 +18,16 @@ from trainers.data.schema import DataError, LoadedData, PreferencePair
 
 ASSISTANT_MARKER = "\n\nAssistant:"
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+DEFAULT_HOLDOUT_FRACTION = 0.1
+TRAIN_SPLIT = "train"  # a local file's training part; any other split name is its held-out part
+
+
+def is_held_out(prompt: str, fraction: float) -> bool:
+    """Whether a local file's row with this prompt belongs to the held-out split. Decided by the prompt's
+    hash, so the split is deterministic, needs no pass over the file, and every row that repeats a
+    prompt falls on the same side: no held-out (probe) prompt can be a training prompt."""
+    digest = hashlib.sha256(prompt.encode("utf-8", errors="surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
 
 
 def split_transcript(text: str) -> tuple[str, str]:
@@ -126,7 +137,7 @@ def _rows(spec: str, split: str) -> tuple[str, Iterable[Any]]:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"data file not found: {path}")
-        # a local file has no splits: `split` does not apply and the whole file is read
+        # a local file has no splits: load_preference_data cuts it by prompt hash (is_held_out)
         rows = _parquet_rows(path) if path.suffix.lower() == ".parquet" else _json_rows(path)
         return path.name, rows
     if os.path.isfile(spec):
@@ -136,13 +147,18 @@ def _rows(spec: str, split: str) -> tuple[str, Iterable[Any]]:
 
 
 def load_preference_data(spec: str, split: str = "train", *, skip_bad_rows: bool = False,
-                         max_rows: int | None = None) -> LoadedData:
+                         max_rows: int | None = None,
+                         holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION) -> LoadedData:
     """Validated pairs from `spec`: 'builtin', a .jsonl/.json/.parquet file, or a data set name.
 
+    A local file has no splits of its own: split 'train' is its rows whose prompt is not held out
+    (`is_held_out` with `holdout_fraction`), any other split name the held-out rows.
     The first bad row raises its DataError, unless `skip_bad_rows` collects them in `skipped`;
-    `max_rows` keeps the first N valid rows (reading stops there).
+    `max_rows` keeps the first N valid rows of the split (reading stops there).
     """
     source, rows = _rows(spec, split)
+    local = spec.lower().endswith(LOCAL_SUFFIXES)
+    want_held_out = split != TRAIN_SPLIT
     loaded = LoadedData(pairs=[], skipped=[])
     for row_index, row in enumerate(rows):
         if max_rows is not None and len(loaded.pairs) >= max_rows:
@@ -150,7 +166,10 @@ def load_preference_data(spec: str, split: str = "train", *, skip_bad_rows: bool
         try:
             if isinstance(row, DataError):
                 raise row
-            loaded.pairs.append(row if isinstance(row, PreferencePair) else parse_hh_row(row, source, row_index))
+            pair = row if isinstance(row, PreferencePair) else parse_hh_row(row, source, row_index)
+            if local and is_held_out(pair.prompt, holdout_fraction) != want_held_out:
+                continue  # the other split's row (a bad row is reported in either split)
+            loaded.pairs.append(pair)
         except DataError as error:
             if not skip_bad_rows:
                 raise

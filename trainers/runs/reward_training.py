@@ -51,7 +51,7 @@ def train_reward_model(config: RewardModelConfig, *, model: RewardModel | None =
             model, tokenizer = RewardModel.from_causal_lm(config.model, seed=config.seed)
         _, train_pairs, _ = load_training_pairs(config, tokenizer)
         eval_data = load_preference_data(config.dataset, config.eval_split, skip_bad_rows=config.skip_bad_rows,
-                                         max_rows=config.max_eval_pairs)
+                                         max_rows=config.max_eval_pairs, holdout_fraction=config.holdout_fraction)
         eval_pairs, _ = tokenize_pairs(tokenizer, eval_data.pairs, config.max_prompt_tokens, config.max_response_tokens,
                                        config.truncation, config.skip_bad_rows)
         pad_id = tokenizer.pad_token_id
