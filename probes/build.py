@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -110,8 +109,9 @@ class BuildConfig:
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:
             return Path(self.cache_dir)
-        root = os.environ.get("PROBESWEEP_CACHE") or Path.home() / ".cache" / "probesweep"
-        return Path(root) / "llm_replies"
+        from infra.storage import cache_root
+
+        return cache_root() / "llm_replies"
 
     def to_params(self) -> dict:
         """The config for logs and MLflow params: no credential (there is no key field), base URL reduced."""
