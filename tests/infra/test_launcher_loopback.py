@@ -13,9 +13,11 @@ GPUs or worker nodes.
 
 The head runs as a dedicated user (HEAD_USER) with its own home and Ray temp folder: cluster.yaml's
 start commands begin with `ray stop`, which stops every Ray process its user may signal, and the
-test suite's own Ray instances run as root. A root Ray instance started beside the cluster must
-survive the whole test. sshd listens on 127.0.0.1:22 only (Ray's auth has no port option) with a
-key made for the test.
+test suite's own Ray instances run as root. A root Ray instance started beside the cluster (after
+`ray up`, so that the head gets Ray's default agent port) must survive the teardown's `ray stop`;
+the test prints how many processes of other users that `ray stop` could not signal. sshd listens on
+127.0.0.1:22 only (Ray's auth has no port option) with a key made for the test. The head's ports
+(HEAD_PORTS) must be free: on one machine, another Ray instance started first takes Ray's defaults.
 """
 from __future__ import annotations
 
@@ -40,8 +42,10 @@ from infra.cluster_twin import assigned_variables
 ROOT = Path(__file__).resolve().parents[2]
 HEAD_USER = "probesweep-head"
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-# ports cluster.yaml's head start commands use (fixed there), besides SSH's 22
-HEAD_PORTS = {"GCS": 6379, "object manager": 8076, "dashboard": 8265, "MLflow": 5000}
+# ports the head takes: fixed in cluster.yaml's start commands, or Ray's defaults for `ray start --head`
+# (another Ray instance on this machine takes its dashboard agent's 52365 too, if it starts first)
+HEAD_PORTS = {"GCS": 6379, "object manager": 8076, "dashboard": 8265, "MLflow": 5000, "dashboard agent": 52365,
+              "Ray client server": 10001}
 SWEEP = "loopback"
 BETAS = ("0.1", "0.5")
 
@@ -236,14 +240,14 @@ def test_ray_up_brings_up_cluster_yaml_on_loopback_and_runs_a_sweep(tmp_path, la
     start_commit = _run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], timeout=30).stdout.strip()
     _run([sys.executable, str(ROOT / "infra" / "cluster_twin.py"), "--ssh-user", HEAD_USER, "--ssh-key", str(key),
           "--ref", start_commit, "--out", str(twin)], timeout=60)
-    side = _side_ray_instance()
     sshd = _start_sshd(tmp_path)
-    tunnels: list[subprocess.Popen] = []
-    timings = {}
+    side, tunnels, timings = None, [], {}
     try:
         t0 = time.monotonic()
         _run([ray, "up", "-y", "--no-config-cache", str(twin)], timeout=900, env=env)
         timings["ray up"] = time.monotonic() - t0
+        # started after `ray up`, so that the head's agent has its port: the teardown's `ray stop` must spare it
+        side = _side_ray_instance()
 
         # the address, since on one machine `ray status` alone picks the newest of every Ray instance it sees
         status = _run([ray, "exec", str(twin), f"ray status --address 127.0.0.1:{HEAD_PORTS['GCS']}"],
@@ -324,11 +328,13 @@ def test_ray_up_brings_up_cluster_yaml_on_loopback_and_runs_a_sweep(tmp_path, la
             pass
         left = [_describe(p) for p in _head_processes()]
         _stop_head_processes()
-        side.stdin.write("ping\n")
-        side.stdin.flush()
-        side_answer = side.stdout.readline().strip()
-        side.stdin.close()
-        side.wait(timeout=60)
+        side_answer = None
+        if side is not None:
+            side.stdin.write("ping\n")
+            side.stdin.flush()
+            side_answer = side.stdout.readline().strip()
+            side.stdin.close()
+            side.wait(timeout=60)
         print(f"loopback launcher timings (s): { {k: round(v) for k, v in timings.items()} }, total "
               f"{time.monotonic() - started:.0f}; left after teardown: {left}; the head's `ray stop` could not "
               f"signal {stop.stdout.count('Could not terminate')} processes of other users")
