@@ -4,11 +4,14 @@ No hub is reachable, yet every entry point must run out of the box, and a ~1M-pa
 be able to separate the probe categories within ~100 steps. So the data is deliberately regular:
 31 topics, each with question templates, slot fillers (the key nouns) and four helpful answer
 templates that reuse those nouns; `chosen` is one of them, `variant` another (so it is a genuinely
-different helpful answer to the same prompt), and `rejected` comes from a separate set of
-unhelpful templates (vague, dismissive, refusing, off-topic or rude). Prompts carry an opener, some
-context and a closer so that, as in Anthropic HH, they are about three times as long as responses
-(measured, seed 0, 3000 examples: 66.2 words per prompt vs 22.3 per chosen/rejected response,
-ratio 2.97; in tokens of the built-in 2048-token BPE 91.1 vs 29.7, ratio 3.07). About 15% are
+different helpful answer to the same prompt), and `rejected` comes from a separate set of unhelpful
+templates that stay on the chosen answer's topic: the same helpful frames ("Sure!", "Good
+question.") and the question's own nouns, with wrong, vague or useless content (as HH rejections
+usually are), so a pair differs in what is said, not in topic or register, and DPO has a real
+margin to learn rather than an easy one; only the non-response probes are off-topic. Prompts carry
+an opener, some context and a closer so that, as in Anthropic HH, they are about three times as long
+as responses (measured, seed 0, 3000 examples: 66.0 words per prompt vs 23.7 per chosen/rejected
+response, ratio 2.79; in tokens of the built-in 2048-token BPE 90.6 vs 31.5, ratio 2.88). About 15% are
 two-turn dialogues.
 
 Fully deterministic: only `random.Random(seed)` is used, so every process builds the same data.

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class _Topic:
     name: str
-    subject: str                    # how an unhelpful answer refers to the topic
+    subject: str                    # the topic in one word (not used by the answer templates)
     a: tuple[str, ...]              # slot fillers: the question's key nouns
     b: tuple[str, ...]
     contexts: tuple[str, ...]
@@ -433,40 +433,40 @@ FOLLOW_UPS = (
     "Interesting. Could you put it another way, so I can remember it better?",
 )
 
-# unhelpful answers: {s} is the topic's subject; kinds: vague (opens like a helpful answer but says
-# nothing specific, so it shares surface with `chosen` as HH rejections often do), dismissive,
-# refusal, off-topic, rude
+# unhelpful answers, on the same topic as the chosen one: they open with the chosen answers' helpful
+# frames ("Sure!", "Good question.", "Happy to help.") and reuse the question's key nouns ({a}, {b}),
+# but their content is wrong, vague or useless, as HH rejections usually are. So a pair differs in
+# what is said, not in topic or register; off-topic text is the non-response category's alone.
 REJECTED = (
-    " Sure. With {s} it really depends on the situation, so try a few different things and see what works for you.",
-    " Good question. There are many opinions about {s}, and in the end you just have to find your own way.",
-    " Happy to help. Everyone is different when it comes to {s}, so keep going and hope it gets better over time.",
-    " Good question. People say all kinds of things about {s}, but most of it probably doesn't matter much.",
-    " Sure! It's hard to say anything specific about {s}. Maybe read around a bit and decide for yourself later.",
-    " Happy to help. My advice on {s} is to not overthink it and simply wait for things to sort themselves out.",
-    " That is not really worth worrying about. Just do whatever feels right to you and it will probably work out fine in the end.",
-    " I don't know, and honestly it doesn't matter much. You will figure it out on your own eventually, like most people do.",
-    " Why ask me? Just search online like everyone else does and stop overthinking every little thing about {s} all the time.",
-    " It's not a big deal. People manage this all the time without asking anyone for advice, so you will be fine too.",
-    " Whatever you do is fine, I guess. There is no real right or wrong answer to this, so just pick something and go.",
-    " Meh, I wouldn't bother with {s} at all. It rarely turns out well for anyone anyway, so why waste your energy on it?",
-    " I'm sorry, but I can't help with questions about {s}. Please ask someone else instead, because I would rather not get involved.",
-    " I would rather not answer that one. Let's talk about something else, if you don't mind, because this topic bores me.",
-    " I can't give advice on that topic. You should probably find a specialist to ask, or maybe just leave it for now.",
-    " Sorry, that's outside what I'm willing to discuss today. Maybe try another time, or ask a friend who cares about {s}.",
-    " I'm not able to help with this request. Please check a book or a website instead, since I have nothing to add.",
-    " I don't think I should answer this. It's better if you work it out for yourself, without any help from me.",
-    " Did you know that octopuses have three hearts? Anyway, the weather has been lovely this week, and I went for long walks.",
-    " My favourite colour is green, and I think the moon looks bigger in autumn than in spring, though nobody believes me.",
-    " That reminds me of a film I watched last night about pirates. It was really long, though, and the ending was strange.",
-    " Speaking of which, I have always wanted to learn how to juggle three oranges at once while standing on one leg.",
-    " Honestly, I'm more interested in ancient Rome right now. Did you know they had public baths and heated floors?",
-    " Let's talk about football instead. The final last weekend was really exciting, wasn't it? I watched it twice.",
-    " That is a silly question. Anyone with common sense already knows how to deal with {s}, so think before you ask.",
-    " Ugh, not this again. Figure out your own {s} problems and stop bothering me with boring questions every single day.",
-    " Seriously? You should have learned this years ago. I'm not going to explain it to you, so don't ask me again.",
-    " This is a waste of my time. Go and read the manual instead of asking lazy questions that anyone could answer.",
-    " Wow, you really can't manage {s} on your own? That's a bit embarrassing, to be honest, for someone your age.",
-    " I can't believe you need help with this. Just try harder and stop complaining about it, because nobody wants to hear it.",
+    " Sure! With {a} it really depends on the situation, so try a few things with {b} and see what works for you.",
+    " Good question. There are many opinions about {a} and {b}, and in the end you just have to find your own way.",
+    " Happy to help. Everyone is different with {a}, so use {b} however you like and hope it gets better over time.",
+    " Good question. Adding {b} doesn't matter much for {a}, so skip it and do exactly what you did last time.",
+    " Sure! It's hard to say anything specific about {a} with {b}. Maybe read around a bit and decide for yourself later.",
+    " Happy to help. My advice on {a} is to not overthink {b} and simply wait for things to sort themselves out.",
+    " Sure! Using {b} is not really worth the trouble for {a}, so leave it out entirely and it will probably work out fine.",
+    " Good question. I don't know much about {a}, but I would just add more of {b} every time until something changes.",
+    " Happy to help. Why ask me about {a}? Put {b} aside and do the opposite of what the usual advice says.",
+    " Sure! Honestly, {b} is not a big deal for {a}, so ignore it completely and do everything as fast as you can.",
+    " Good question. Whatever you do with {b} is fine for {a}, since there is no right or wrong way, so just pick something.",
+    " Happy to help, though I'm sorry to say that {a} with {b} is something I can't help with in any detail.",
+    " Sure! I would rather not go into {a} today, but using twice as much of {b} as you think usually solves it.",
+    " Good question. I can't give advice on {a} specifically, so just do the first thing that comes to mind with {b}.",
+    " Happy to help. Seriously? Everyone knows {a} works best if you forget about {b} and do it all at once.",
+    " Sure! Speaking of which, {a} always goes wrong for me too, so I just leave {b} alone and hope for the best.",
+    " Good question. That reminds me that {a} is mostly luck. Using {b} changes nothing, so do whatever is quickest.",
+    " Happy to help. Did you know that {a} usually goes wrong anyway? I would not spend any time on {b} at all.",
+    " Sure! You will figure it out with {a} eventually. Start with {b} at the very end, or skip it, it is all the same.",
+    " Good question. Meh, getting {a} right is simple: do the opposite of what the instructions say about {b}, every single time.",
+    " Happy to help. I don't think I should get into {a}, but {b} is probably the problem, so just throw it away.",
+    " Sure! Let's talk about {b} another day. For {a}, just repeat what you already tried, only for twice as long.",
+    " Good question, although a silly question really. With {a} using {b} speaks for itself, so keep doing the same.",
+    " Happy to help. Honestly, {a} is a waste of my time to explain. Use any {b} you like and it will be fine.",
+    " Sure! I can't believe {a} needs this much thought. Just add {b} whenever you remember and stop worrying.",
+    " Good question, if a bit embarrassing to ask. Getting {a} right rarely needs {b}, so leave it out and see what happens.",
+    " Ugh, {a} again. Fine: using {b} does nothing useful, so skip it and do the rest in any order you like.",
+    " Happy to help. I'm not able to help with the details of {a}, but doing more with {b} is usually better, so use lots of it.",
+    " Sure! My favourite trick for {a} is to ignore {b} completely and just wait a few weeks until it fixes itself.",
 )
 
 # the stock phrase of each rejected template above, lower-case (every template carries one): what the
@@ -476,7 +476,7 @@ UNHELPFUL_PHRASES = (
     "overthink", "not really worth", "don't know", "why ask me", "not a big deal", "whatever", "meh,",
     "sorry", "rather not", "can't give advice", "can't help", "not able to help", "don't think i should",
     "did you know", "my favourite", "reminds me", "speaking of which", "let's talk about", "silly question",
-    "ugh,", "seriously?", "waste of my time", "can't believe", "embarrassing", "figure it out", "find your own way",
+    " ugh,", "seriously?", "waste of my time", "can't believe", "embarrassing", "figure it out", "find your own way",
 )
 
 # sentences that answer nothing: the non-response probe category of the built-in data

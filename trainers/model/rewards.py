@@ -1,9 +1,9 @@
 """Sequence scores for PPO: a transparent rule for the built-in data, or a trained reward model.
 
-The rule rewards an answer for using the key words of the question (the built-in chosen answers
-reuse the topic's nouns) and penalises the stock phrases of unhelpful answers (`UNHELPFUL_PHRASES`, kept
-beside the built-in rejected templates they come from: vague, dismissive, refusing, off-topic or
-rude). It is meant for the embedded
+The rule rewards an answer for using the key words of the question (an off-topic answer gets
+nothing) and penalises the stock phrases of unhelpful answers (`UNHELPFUL_PHRASES`, kept beside the
+built-in rejected templates they come from). The built-in rejected answers reuse the question's
+nouns too, so on them the stock phrases carry the separation. It is meant for the embedded
 default, where it separates chosen from rejected on ~all pairs (tests/trainers/model/test_rewards.py); on real
 data use a reward model.
 """

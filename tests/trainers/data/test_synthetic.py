@@ -81,10 +81,19 @@ def test_categories_are_distinguishable():
     assert all(e.variant != e.chosen for e in examples)
     helpful = {e.chosen for e in examples} | {e.variant for e in examples}
     assert not helpful & {e.rejected for e in examples}
-    # helpful answers reuse the question's key nouns; unhelpful ones mostly do not
+    # chosen, variant and rejected are all on the prompt's topic (they reuse its key nouns); the
+    # non-response sentences are not
+    from trainers.data.builtin_templates import NONRESPONSE_SENTENCES
+
     overlap = {kind: statistics.mean(len(_words(getattr(e, kind)) & _words(e.prompt)) for e in examples)
                for kind in ("chosen", "variant", "rejected")}
-    assert overlap["chosen"] > 2 * overlap["rejected"] and overlap["variant"] > 2 * overlap["rejected"]
+    nonresponse = statistics.mean(len(_words(s) & _words(e.prompt)) for e in examples[:200] for s in NONRESPONSE_SENTENCES)
+    assert min(overlap.values()) >= 2
+    assert overlap["rejected"] > 0.5 * overlap["chosen"] and nonresponse < 0.25 * overlap["rejected"]
+    # rejected answers open with the helpful frames chosen answers use (assistant style, not off-topic chatter)
+    frames = (" Sure!", " Good question", " Happy to help")
+    assert statistics.mean(e.rejected.startswith(frames) for e in examples) > 0.9
+    assert statistics.mean(e.chosen.startswith(frames) for e in examples) > 0.5
     # the variant of a two-turn prompt is not the answer already given in the first turn
     for e in examples:
         if e.prompt.count("\n\nHuman:") == 2:
