@@ -51,7 +51,8 @@ def tokenize_pair(tokenizer, pair: PreferencePair, max_prompt_tokens: int, max_r
                                        ("chosen", chosen_cut, max_response_tokens),
                                        ("rejected", rejected_cut, max_response_tokens)):
             if cut:
-                raise DataError(pair.source, pair.row, field_name, f"longer than {limit} tokens (truncation policy 'error')")
+                raise DataError(pair.source, pair.row, field_name, f"longer than {limit} tokens (truncation policy 'error')",
+                                pair.line)
     return TokenizedPair(prompt_ids, chosen_ids, rejected_ids)
 
 

@@ -10,19 +10,26 @@ class PreferencePair:
     chosen: str     # response text after that marker (e.g. " Sure, ..."), non-empty after strip
     rejected: str
     source: str = ""   # file name or data set name the row came from
-    row: int = -1      # 0-based row index in that source
+    row: int = -1      # 0-based row index in that source (blank lines of a jsonl file not counted)
+    line: int | None = None  # 1-based line of a .jsonl/.json file where the row starts (what an editor shows)
 
 
 class DataError(ValueError):
-    """A bad input row, located precisely enough to fix it (source, 0-based row, field)."""
+    """A bad input row, located precisely enough to fix it: source, field, and the 1-based `line` of a
+    text file (what an editor shows) when there is one, else the 0-based `row`, said so in the message."""
 
-    def __init__(self, source: str, row: int, field: str, reason: str):
-        self.source, self.row, self.field, self.reason = source, row, field, reason
-        where = f"{source}, row {row}" if row >= 0 else source
+    def __init__(self, source: str, row: int, field: str, reason: str, line: int | None = None):
+        self.source, self.row, self.field, self.reason, self.line = source, row, field, reason, line
+        if line is not None:
+            where = f"{source}, line {line}"
+        elif row >= 0:
+            where = f"{source}, row {row} (0-based)"
+        else:
+            where = source
         super().__init__(f"{where}, field '{field}': {reason}")
 
     def __reduce__(self):  # picklable across processes (Ray) despite the custom signature
-        return type(self), (self.source, self.row, self.field, self.reason)
+        return type(self), (self.source, self.row, self.field, self.reason, self.line)
 
 
 @dataclass

@@ -61,8 +61,8 @@ def test_each_kind_of_bad_row_names_file_row_and_field(tmp_path, bad, field, rea
     path = write_jsonl(tmp_path / "data.jsonl", [hh(), hh(), bad, hh()])
     with pytest.raises(DataError) as error:
         load_preference_data(path)
-    assert (error.value.source, error.value.row, error.value.field) == ("data.jsonl", 2, field)
-    assert str(error.value).startswith(f"data.jsonl, row 2, field '{field}': ")
+    assert (error.value.source, error.value.row, error.value.field, error.value.line) == ("data.jsonl", 2, field, 3)
+    assert str(error.value).startswith(f"data.jsonl, line 3, field '{field}': ")  # 1-based, as an editor shows it
     assert reason in str(error.value)
 
 
@@ -71,12 +71,12 @@ def test_skip_bad_rows_collects_and_counts(tmp_path):
     loaded = load_preference_data(write_jsonl(tmp_path / "mixed.jsonl", rows), skip_bad_rows=True)
     assert [p.row for p in loaded.pairs] == [0, 2, 5]
     assert [(e.row, e.field) for e in loaded.skipped] == [(1, "chosen"), (3, "<json>"), (4, "rejected")]
-    assert "line 4" in loaded.skipped[1].reason
+    assert loaded.skipped[1].line == 4 and str(loaded.skipped[1]).startswith("mixed.jsonl, line 4, field '<json>'")
 
 
 def test_unparsable_json_line_is_a_data_error(tmp_path):
     path = write_jsonl(tmp_path / "broken.jsonl", [hh(), '{"chosen": "x",'])
-    with pytest.raises(DataError, match=r"broken.jsonl, row 1, field '<json>': line 2 is not valid JSON"):
+    with pytest.raises(DataError, match=r"broken.jsonl, line 2, field '<json>': not valid JSON"):
         load_preference_data(path)
 
 
@@ -103,7 +103,7 @@ def test_jsonl_json_list_json_lines_and_parquet_give_the_same_pairs(tmp_path):
 
 def test_parquet_null_field_is_a_bad_row(tmp_path):
     pd.DataFrame([hh(), {"chosen": PROMPT + " x", "rejected": None}]).to_parquet(tmp_path / "nulls.parquet")
-    with pytest.raises(DataError, match=r"nulls.parquet, row 1, field 'rejected': expected a string"):
+    with pytest.raises(DataError, match=r"nulls.parquet, row 1 \(0-based\), field 'rejected': expected a string"):
         load_preference_data(str(tmp_path / "nulls.parquet"))
 
 
@@ -164,5 +164,72 @@ def test_data_error_survives_pickling():
     error = DataError("data.jsonl", 17, "rejected", "prompt differs from the chosen transcript's prompt")
     again = pickle.loads(pickle.dumps(error))
     assert (again.source, again.row, again.field, again.reason) == ("data.jsonl", 17, "rejected", error.reason)
-    assert str(again) == "data.jsonl, row 17, field 'rejected': prompt differs from the chosen transcript's prompt"
+    assert str(again) == "data.jsonl, row 17 (0-based), field 'rejected': prompt differs from the chosen transcript's prompt"
     assert isinstance(again, ValueError)
+    located = pickle.loads(pickle.dumps(DataError("data.jsonl", 17, "chosen", "empty response", line=19)))
+    assert located.line == 19 and str(located) == "data.jsonl, line 19, field 'chosen': empty response"
+
+
+def test_blank_lines_count_in_line_numbers_but_not_in_rows(tmp_path):
+    path = tmp_path / "gaps.jsonl"
+    path.write_text(json.dumps(hh()) + "\n\n   \n" + json.dumps(hh(chosen=" ")) + "\n")
+    with pytest.raises(DataError) as error:
+        load_preference_data(str(path))
+    assert (error.value.row, error.value.line) == (1, 4)
+    assert str(error.value) == "gaps.jsonl, line 4, field 'chosen': empty response"
+
+
+def test_json_list_rows_are_located_by_their_line(tmp_path):
+    rows = [hh(), hh(), hh(rejected=" ")]
+    (tmp_path / "list.json").write_text(json.dumps(rows, indent=2))
+    with pytest.raises(DataError) as error:
+        load_preference_data(str(tmp_path / "list.json"))
+    text = json.dumps(rows, indent=2).split("\n")
+    starts = [i + 1 for i, line in enumerate(text) if line == "  {"]  # each element's opening line
+    assert len(starts) == 3 and (error.value.row, error.value.line) == (2, starts[2]) == (2, 10)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_bytes_that_are_not_utf8_are_a_skippable_data_error_naming_line_and_field(tmp_path, suffix):
+    good = [json.dumps(hh()).encode(), json.dumps(hh(chosen=" Two.")).encode()]
+    bad = json.dumps(hh(chosen=" caf__")).encode().replace(b"__", b"\xe9!")  # latin-1, not UTF-8
+    if suffix == ".jsonl":
+        data, line = b"\n".join([good[0], bad, good[1]]) + b"\n", 2
+    else:
+        data, line = b"[\n" + b",\n".join([good[0], bad, good[1]]) + b"\n]\n", 3
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes(data)
+    with pytest.raises(DataError) as error:
+        load_preference_data(str(path))
+    assert (error.value.source, error.value.row, error.value.field, error.value.line) == (path.name, 1, "chosen", line)
+    assert str(error.value).startswith(f"{path.name}, line {line}, field 'chosen': not UTF-8 text: byte 0xe9 at column ")
+    loaded = load_preference_data(str(path), skip_bad_rows=True)
+    assert [p.chosen for p in loaded.pairs] == [" Boil it for nine minutes.", " Two."] and len(loaded.skipped) == 1
+
+
+def test_bytes_that_are_not_utf8_in_a_broken_line_still_name_the_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_bytes(json.dumps(hh()).encode() + b"\n{\"chosen\": \"\xff\n")
+    with pytest.raises(DataError, match=r"broken.jsonl, line 2, field '<json>': not UTF-8 text: byte 0xff at column 13"):
+        load_preference_data(str(path))
+
+
+def test_a_lone_surrogate_escape_is_a_data_error_at_load_time(tmp_path):
+    text = json.dumps(hh(chosen=" Fine.")) + "\n" + json.dumps(hh()).replace("Boil it", "Boil \\ud800it") + "\n"
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text(text)
+    with pytest.raises(DataError) as error:
+        load_preference_data(str(path))
+    assert (error.value.field, error.value.line) == ("chosen", 2)
+    assert "lone surrogate \\ud800" in str(error.value)
+    assert [p.chosen for p in load_preference_data(str(path), skip_bad_rows=True).pairs] == [" Fine."]
+    for pair in load_preference_data(str(path), skip_bad_rows=True).pairs:
+        (pair.prompt + pair.chosen + pair.rejected).encode("utf-8")  # what passes is writable text
+
+
+def test_a_line_separator_inside_a_json_string_does_not_split_the_row(tmp_path):
+    rows = [hh(chosen=" one\u2028two"), hh(chosen=" three\x85")]
+    path = tmp_path / "separators.jsonl"
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    pairs = load_preference_data(str(path)).pairs
+    assert [p.chosen for p in pairs] == [" one\u2028two", " three\x85"] and [p.line for p in pairs] == [1, 2]
