@@ -12,6 +12,7 @@ import json
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from sweeps.config import SweepConfig
 from sweeps.context import TrialContext
@@ -61,9 +62,35 @@ def trial_resources(config: SweepConfig) -> dict[str, float]:
     return resources
 
 
-def sft_warmup_key(config: SweepConfig, model: str, recipe: str) -> str:
+def training_data_hash(train: TrainConfig) -> str:
+    """Fingerprint of the pairs a warm-up trains on (the train split as loaded: holdout, skipped rows and
+    --max-train-pairs applied), so an edited data file, or a changed built-in set, gives a new key."""
+    from infra.manifest import content_hash
+    from trainers.data.pairs import load_preference_data
+
+    data = load_preference_data(train.dataset, train.train_split, skip_bad_rows=train.skip_bad_rows,
+                                max_rows=train.max_train_pairs, holdout_fraction=train.holdout_fraction)
+    return content_hash(text for pair in data.pairs for text in (pair.prompt, pair.chosen, pair.rejected))
+
+
+def model_files_fingerprint(model: str) -> str | None:
+    """A local model folder's file names, sizes and modification times (a changed folder gives a new key
+    without reading its weights); None for a built-in or hub name, which the name itself fixes."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return digest.hexdigest()[:16]
+
+
+def sft_warmup_key(config: SweepConfig, model: str, recipe: str, data_hash: str | None = None) -> str:
+    """The warm-up's cache key: its settings, the content of its training pairs and of a local model folder."""
     fields = {k: getattr(config.train, k) for k in SFT_KEY_FIELDS}
-    fields.update(model=model, sft_steps=config.sft_steps, sft_lr=config.sft_lr, recipe=recipe)
+    fields.update(model=model, sft_steps=config.sft_steps, sft_lr=config.sft_lr, recipe=recipe,
+                  data=data_hash or training_data_hash(config.train), model_files=model_files_fingerprint(model))
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -73,7 +100,9 @@ def shared_sft_warmups(config: SweepConfig, models: list[str], recipes: list[str
     if config.sft_steps <= 0:
         return {}
     shared = store.join(context.storage_path, "shared")  # a local folder or a URI: the warm-up's rank 0 uploads
-    folders = {warmup_key(m, r): store.join(shared, f"sft-warmup-{sft_warmup_key(config, m, r)}") for m in models for r in recipes}
+    data_hash = training_data_hash(config.train)  # read once for every (model, recipe)
+    folders = {warmup_key(m, r): store.join(shared, f"sft-warmup-{sft_warmup_key(config, m, r, data_hash)}")
+               for m in models for r in recipes}
     missing = [key for key, folder in folders.items() if not store.exists(store.join(folder, ".complete"))]
     for key in sorted(set(folders) - set(missing)):
         print(f"reusing the SFT warm-up {key} in {folders[key]}", flush=True)
