@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench research clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,9 @@ bench: install
 	$(PY) benchmarks/probe_scoring.py
 	$(PY) benchmarks/rollout.py
 	$(PY) benchmarks/dpo_sweep.py
+
+research: install
+	$(PY) -m sweeps.research_check   # SFT, DPO beta sweep, PPO on the embedded default: benchmarks/results/research_check.*
 
 clean:
 	rm -rf $(VENV) probesweep_runs mlflow.db mlartifacts

@@ -1,0 +1,186 @@
+"""The research report: do the published patterns show? SFT, a DPO β sweep (after SFT on chosen and
+after SFT on chosen+rejected) and PPO, each run through the ordinary sweep entry points, then every
+pattern checked by name with its measured numbers (sweeps/research_patterns.py).
+
+    python -m sweeps.research_check                              # embedded default (tiny model, built-in data)
+    python -m sweeps.research_check --model smollm2-135m --lora-rank 8   # the real model (needs its extra)
+    make research
+
+Writes <out>/research_check.json (every check of every model, merged with earlier models' results),
+research_check.md (the table) and research_check.png (the curves behind the checks). Sizes are
+flags, so a reduced run says how reduced it was: the JSON records them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sweeps.research_patterns import dpo_checks, ppo_checks, sft_checks  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m sweeps.research_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny-pythia-1m", help="built-in size, smollm2-135m, or a Hugging Face name/folder")
+    parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: every weight)")
+    parser.add_argument("--sft-steps", type=int, default=60, help="steps of the SFT study and of each shared SFT warm-up")
+    parser.add_argument("--sft-lr", type=float, default=3e-3, help="learning rate of SFT (study and warm-ups)")
+    parser.add_argument("--dpo-steps", type=int, default=30, help="steps of each DPO trial")
+    parser.add_argument("--dpo-lr", type=float, default=2e-4, help="learning rate of DPO")
+    parser.add_argument("--betas", type=float, nargs="+", default=[0.05, 0.2, 0.8], help="DPO β values")
+    parser.add_argument("--ppo-steps", type=int, default=20, help="steps of each PPO trial (>= 10: two windows of 5)")
+    parser.add_argument("--ppo-lr", type=float, default=1e-4, help="learning rate of PPO")
+    parser.add_argument("--kl-coefs", type=float, nargs="+", default=[0.01, 0.2], help="PPO KL coefficients")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the SFT and PPO trials")
+    parser.add_argument("--probe-prompts", type=int, default=16, help="probe prompts every trial scores")
+    parser.add_argument("--workers", type=int, default=1, help="training workers per trial")
+    parser.add_argument("--storage-path", default="probesweep_runs/research", help="sweep storage folder")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite under --storage-path)")
+    parser.add_argument("--out", default="benchmarks/results", help="folder of the JSON, the table and the figure")
+    args = parser.parse_args(argv)
+    if args.ppo_steps < 10:
+        parser.error("--ppo-steps: at least 10 (the reward check compares the first and the last 5 steps)")
+    return args
+
+
+def common_flags(args: argparse.Namespace, name: str) -> list[str]:
+    tracking = args.tracking_uri or f"sqlite:///{Path(args.storage_path).resolve() / 'mlflow.db'}"
+    flags = ["--name", name, "--overwrite", "--model", args.model, "--storage-path", args.storage_path,
+             "--tracking-uri", tracking, "--experiment-name", "research-check", "--num-workers", str(args.workers),
+             "--num-probe-prompts", str(args.probe_prompts), "--max-concurrent-trials", "2"]
+    if args.lora_rank:
+        flags += ["--lora-rank", str(args.lora_rank)]
+    return flags
+
+
+def run_entry(entry, argv: list[str]):
+    """One sweep through the entry point's own parsing and driver; its outcome."""
+    from sweeps.config import parse_config
+    from sweeps.driver import run_sweep
+    from sweeps.search import search_space
+
+    config = parse_config(argv, entry)
+    outcome = run_sweep(config, search_space(config, entry.searched_values(config)))
+    if outcome.failed_trials:
+        raise SystemExit("error: a research sweep failed: " + "; ".join(outcome.failed_trials))
+    return outcome
+
+
+def numbers_only(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k in ("run_name", "beta", "sft_recipe", "seed", "ppo_kl_coef")
+            or k.startswith("delta/")}
+
+
+def run_model(args: argparse.Namespace) -> dict:
+    from infra.tracking import Tracker
+    from sweeps import dpo_beta, ppo, sft
+
+    tag = args.model.replace("/", "_")
+    timings = {}
+    started = time.time()
+    seeds = [str(s) for s in args.seeds]
+    sft_out = run_entry(sft.ENTRY, common_flags(args, f"research-sft-{tag}") + [
+        "--max-steps", str(args.sft_steps), "--lr", str(args.sft_lr), "--eval-every", str(max(1, args.sft_steps // 4)),
+        "--seeds", *seeds])
+    timings["sft_s"] = round(time.time() - started, 1)
+    started = time.time()
+    warmup = ["--sft-steps", str(args.sft_steps), "--sft-lr", str(args.sft_lr)]
+    dpo_out = run_entry(dpo_beta.ENTRY, common_flags(args, f"research-dpo-{tag}") + warmup + [
+        "--betas", *[str(b) for b in args.betas], "--sft-recipes", "chosen", "both", "--lr", str(args.dpo_lr),
+        "--max-steps", str(args.dpo_steps), "--eval-every", str(max(1, args.dpo_steps // 3))])
+    timings["dpo_s"] = round(time.time() - started, 1)
+    started = time.time()
+    ppo_out = run_entry(ppo.ENTRY, common_flags(args, f"research-ppo-{tag}") + warmup + [
+        "--kl-coefs", *[str(c) for c in args.kl_coefs], "--seeds", *seeds, "--lr", str(args.ppo_lr),
+        "--max-steps", str(args.ppo_steps), "--eval-every", str(args.ppo_steps)])
+    timings["ppo_s"] = round(time.time() - started, 1)
+    tracker = Tracker(ppo_out.tracking_uri)
+    ppo_runs = [{"run_name": r["run_name"], "kl_coef": float(r["ppo_kl_coef"]), "seed": r["seed"],
+                 "reward": [v for _, v in tracker.metric_history(r["run_id"], "ppo/reward")],
+                 "kl": [v for _, v in tracker.metric_history(r["run_id"], "ppo/kl")]} for r in ppo_out.summary]
+    checks = sft_checks(sft_out.summary) + dpo_checks(dpo_out.summary) + ppo_checks(ppo_runs)
+    return {"model": args.model, "lora_rank": args.lora_rank, "timings": timings,
+            "sizes": {k: getattr(args, k) for k in ("sft_steps", "sft_lr", "dpo_steps", "dpo_lr", "betas", "ppo_steps",
+                                                    "ppo_lr", "kl_coefs", "seeds", "probe_prompts", "workers")},
+            "checks": [c.to_dict() for c in checks],
+            "runs": {"sft": [numbers_only(r) for r in sft_out.summary], "dpo": [numbers_only(r) for r in dpo_out.summary],
+                     "ppo": ppo_runs}}
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:+.2f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_short(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    return str(value)
+
+
+def markdown(report: dict) -> str:
+    lines = ["# Research check", "", "Each row is a published pattern checked on measured numbers (Δ = final minus "
+             "first probe log-prob of a trial, nats summed over the response). Sizes are in research_check.json.", ""]
+    for model in report["models"].values():
+        lines += [f"## {model['model']}" + (f" (LoRA rank {model['lora_rank']})" if model["lora_rank"] else ""), "",
+                  "| check | result | measured | note |", "|---|---|---|---|"]
+        for check in model["checks"]:
+            lines.append(f"| {check['name']} | {'pass' if check['passed'] else '**fail**'} | "
+                         f"{_short(check['numbers'])} | {check['note']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def figure(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(report["models"].values())
+    fig, axes = plt.subplots(len(models), 3, figsize=(15, 4 * len(models)), squeeze=False)
+    categories = ("chosen", "rejected", "paraphrase_chosen", "paraphrase_rejected", "variant", "random", "nonresponse", "greedy")
+    for row, model in zip(axes, models):
+        sft_rows = model["runs"]["sft"]
+        row[0].bar(categories, [sum(r.get(f"delta/{c}", 0) for r in sft_rows) / len(sft_rows) for c in categories])
+        row[0].set_title(f"{model['model']}: SFT, Δ log p per category")
+        width = 0.8 / max(1, len(model["runs"]["dpo"]))
+        for i, r in enumerate(model["runs"]["dpo"]):
+            row[1].bar([j + i * width for j in range(len(categories))], [r.get(f"delta/{c}", 0) for c in categories],
+                       width, label=f"β={r['beta']} sft={r['sft_recipe']}")
+        row[1].set_xticks(range(len(categories)), categories)
+        row[1].set_title("DPO, Δ log p per category")
+        row[1].legend(fontsize=7)
+        for r in model["runs"]["ppo"]:
+            row[2].plot(r["reward"], label=f"kl_coef={r['kl_coef']} seed={r['seed']}")
+        row[2].set_title("PPO: mean reward per step")
+        row[2].legend(fontsize=7)
+        for ax in row[:2]:
+            ax.tick_params(axis="x", rotation=45)
+            ax.axhline(0, color="black", linewidth=0.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "research_check.json"
+    report = json.loads(json_path.read_text()) if json_path.exists() else {"models": {}}
+    report["models"][args.model] = run_model(args)
+    json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (out / "research_check.md").write_text(markdown(report) + "\n")
+    figure(report, out / "research_check.png")
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
