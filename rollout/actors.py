@@ -54,9 +54,10 @@ def build_engine(config: RolloutConfig, seed: int):
         return VLLMEngine(config.model, seed=seed, gpu_memory_utilization=config.vllm_gpu_memory_utilization)
     import torch
 
+    from infra.cpu_threads import use_cpu_share
     from rollout.hf_engine import HFEngine
 
-    torch.set_num_threads(1)  # actors share a few cores with the trainer's workers
+    use_cpu_share(config.cpus_per_actor)  # floor of the actor's CPU share, at least one thread
     device = "cuda" if config.gpus_per_actor > 0 and torch.cuda.is_available() else None
     return HFEngine.from_pretrained(config.model, seed=seed, device=device, batch_size=config.batch_size)
 

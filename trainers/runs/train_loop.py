@@ -18,6 +18,7 @@ import ray.train.torch
 import torch
 
 from infra import storage
+from infra.cpu_threads import use_cpu_share
 from trainers.config import TrainConfig
 from trainers.runs.policy_trainer import STATE_FILE, PolicyTrainer  # noqa: F401  (STATE_FILE: the DDP checkpoint's file)
 from trainers.runs.worker_report import WorkerReport, non_finite_metrics
@@ -49,6 +50,14 @@ def worker_nodes() -> list[str]:
     return gathered
 
 
+def configure_worker(config: TrainConfig) -> None:
+    """Threads follow the worker's CPU share (floor, at least one); a DeepSpeed GPU worker takes its device."""
+    if not config.use_gpu:
+        use_cpu_share(config.cpus_per_worker)
+    elif config.strategy == "deepspeed":  # no prepare_model: DeepSpeed takes the current device
+        torch.cuda.set_device(ray.train.torch.get_device())
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """loop_config: {"train": TrainConfig, "final_model_dir": str | None, "rollout_pool": RolloutPool (PPO)}."""
     # remote storage (s3://...): the warm-up, probe set and reward model are read from this node's copies
@@ -56,10 +65,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     final_model_dir = loop_config.get("final_model_dir")
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    if not config.use_gpu:
-        torch.set_num_threads(1)  # several workers share a few cores; more threads only contend
-    elif config.strategy == "deepspeed":  # no prepare_model: DeepSpeed takes the current device
-        torch.cuda.set_device(ray.train.torch.get_device())
+    configure_worker(config)
     if config.loss == "ppo":  # rollouts from the trial's actor pool, handed over in the loop config
         from trainers.runs.ppo_trainer import PPOTrainer
 
