@@ -176,24 +176,86 @@ def compare_metrics(a: dict[float, dict[str, float]], b: dict[float, dict[str, f
             "trials_compared": len(set(a) & set(b)), "per_metric": dict(sorted(per_key.items())), "missing": missing}
 
 
+# the spans of one trial, in order, and what each covers (sequential: they add up to the trial's wall time
+# apart from "unaccounted"); timestamps come from the trial process and from rank 0 of its workers
+SPANS = {
+    "trial_process_start_s": "trial process created -> run_trial entered (process start, sweeps.trial imports, "
+                             "Tune's set-up; large when Ray reuses a process started earlier)",
+    "mlflow_run_setup_s": "run_trial entered -> TorchTrainer built (MLflow child run, params, config and manifest)",
+    "worker_group_start_s": "fit() called -> worker loop entered (Train controller, worker processes, train_loop "
+                            "imports, torch.distributed set-up)",
+    "model_data_reference_load_s": "PolicyTrainer built: model + tokenizer from the SFT warm-up folder, training "
+                                   "pairs tokenized, reference log-prob file + content key, probe set",
+    "prepare_s": "checkpoint restore (none here), DDP wrap, nodes gathered",
+    "first_evaluation_s": "the step-0 probe evaluation",
+    "steps_s": "train_step calls (forward, backward, all-reduce, optimizer)",
+    "later_evaluations_s": "probe evaluations after step 0",
+    "reports_s": "ray.train.report round trips without a checkpoint (all but the final report)",
+    "checkpoints_s": "save_checkpoint + the report handing it to Train (all but the final report)",
+    "final_model_save_s": "save_pretrained of the final model",
+    "final_report_and_shutdown_s": "final report sent -> fit() returned (its checkpoint, worker group shutdown)",
+    "trial_finish_s": "fit() returned -> figure logged (MLflow reads, category-curve figure)",
+}
+OVERLAPPING = {
+    "worker_imports_s": "train_loop module imports inside worker_group_start_s (0-ish: imported earlier in a reused process)",
+    "worker_process_age_at_loop_s": "worker process created -> loop entered",
+    "mlflow_writes_s": "the Train controller's MLflow writes (metrics, probe CSV/npz artifacts), concurrent with the worker",
+}
+
+
+def time_breakdown(trial: dict, worker: dict) -> dict:
+    """Spans of one trial from its two timing tags (trial process, rank 0 worker); seconds."""
+    spans = {
+        "trial_process_start_s": trial["started_at"] - trial["process_started_at"] if trial.get("process_started_at") is not None else None,
+        "mlflow_run_setup_s": trial["fit_started_at"] - trial["started_at"],
+        "worker_group_start_s": worker["loop_started_at"] - trial["fit_started_at"],
+        "model_data_reference_load_s": worker["trainer_built_at"] - worker["loop_started_at"],
+        "prepare_s": worker["prepared_at"] - worker["trainer_built_at"],
+        "first_evaluation_s": worker["first_eval_done_at"] - worker["prepared_at"],
+        "steps_s": worker["steps_s"],
+        "later_evaluations_s": worker["evals_s"],
+        "reports_s": worker["reports_s"],
+        "checkpoints_s": worker["checkpoints_s"],
+        "final_model_save_s": worker["final_save_s"],
+        "final_report_and_shutdown_s": trial["fit_ended_at"] - worker["sent_at"],
+        "trial_finish_s": trial["ended_at"] - trial["fit_ended_at"],
+    }
+    wall = trial["ended_at"] - trial["started_at"]
+    counted = sum(v for k, v in spans.items() if v is not None and k != "trial_process_start_s")
+    return {**spans, "wall_s": wall, "unaccounted_s": wall - counted,
+            "worker_imports_s": worker["imports_done_at"] - worker["imports_started_at"],
+            "worker_process_age_at_loop_s": (worker["loop_started_at"] - worker["process_started_at"]
+                                             if worker.get("process_started_at") is not None else None),
+            "mlflow_writes_s": worker.get("mlflow_writes_s")}
+
+
 def trial_breakdown(outcome, stage_s: float) -> dict:
-    """Where the sweep's DPO stage went, per trial, from the MLflow child runs' own clocks."""
+    """Where the sweep's DPO stage went, per trial, from the timing tags each trial and its rank 0 leave."""
+    from sweeps.trial import TRIAL_TIMINGS_TAG, WORKER_TIMINGS_TAG
+
     tracker = Tracker(outcome.tracking_uri)
     trials, starts, ends = [], [], []
     for row in outcome.summary:
-        run = tracker.run(row["run_id"])
-        start, end = run.info.start_time / 1000, run.info.end_time / 1000
-        first_report = min(m.timestamp for m in tracker.client.get_metric_history(row["run_id"], "logp/chosen")) / 1000
-        step_times = [v for _, v in tracker.metric_history(row["run_id"], "train/step_time_s")]
-        trials.append({"beta": row["beta"], "wall_s": end - start,
-                       "start_to_first_report_s": first_report - start,  # Train start-up, model load, first evaluation
-                       "train_steps_s": sum(step_times), "mean_step_s": sum(step_times) / max(1, len(step_times))})
-        starts.append(start)
-        ends.append(end)
-    return {"trials": trials, "first_trial_start_to_last_trial_end_s": max(ends) - min(starts),
-            "tune_outside_trials_s": stage_s - (max(ends) - min(starts)),
-            "trial_wall_s_sum": sum(t["wall_s"] for t in trials),
-            "train_steps_s_sum": sum(t["train_steps_s"] for t in trials)}
+        tags = tracker.run(row["run_id"]).data.tags
+        trial, worker = json.loads(tags[TRIAL_TIMINGS_TAG]), json.loads(tags[WORKER_TIMINGS_TAG])
+        trials.append({"beta": row["beta"], **time_breakdown(trial, worker)})
+        starts.append(trial["started_at"])
+        ends.append(trial["ended_at"])
+    keys = [k for k in trials[0] if k != "beta"]
+    totals = {k: sum(t[k] for t in trials if t[k] is not None) for k in keys}
+    return {"trials": trials, "sum_over_trials_s": totals, "span_meanings": {**SPANS, **OVERLAPPING},
+            "first_trial_start_to_last_trial_end_s": max(ends) - min(starts),
+            "tune_outside_trials_s": stage_s - (max(ends) - min(starts))}
+
+
+def print_breakdown(label: str, breakdown: dict) -> None:
+    trials = breakdown["trials"]
+    print(f"\n{label}: where each trial's time went (s)")
+    print(f"  {'span':<30}" + "".join(f"{'beta=' + format(t['beta'], 'g'):>12}" for t in trials))
+    for key in [*SPANS, "unaccounted_s", "wall_s", *OVERLAPPING]:
+        cells = "".join(f"{t[key]:>12.1f}" if t[key] is not None else f"{'-':>12}" for t in trials)
+        print(f"  {key:<30}{cells}")
+    print(f"  Tune outside the trials: {breakdown['tune_outside_trials_s']:.1f} s")
 
 
 def run_plain(config: SweepConfig, sft_dir: str, reference_dir: str, probe_dir: str, threads: int) -> dict:
@@ -461,6 +523,8 @@ def main(argv=None) -> dict:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)
+    print_breakdown("shared reference sweep", report["timings_s"]["shared"]["breakdown"])
+    print_breakdown("per-trial reference sweep", report["timings_s"]["per_trial"]["breakdown"])
     print(f"wrote {args.output}")
     return report
 

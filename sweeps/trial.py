@@ -6,6 +6,8 @@ fits a TorchTrainer; worker reports reach Tune through `TuneReportCallback` and 
 """
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import asdict, replace
 
 import yaml
@@ -23,11 +25,13 @@ from sweeps.search import SEARCHABLE, warmup_key
 from infra.tracking import Tracker
 from infra import storage as store
 from trainers.config import TrainConfig
-from trainers.runs.train_loop import train_loop_per_worker
+from trainers.runs.train_loop import process_started_at, train_loop_per_worker
 from trainers.runs.worker_report import public_metrics, report_of
 
 FAILURE_TAG = "failure"    # why a trial's run failed, in one line (the driver prints it)
 DIVERGED_TAG = "diverged"  # the non-finite metrics a diverged run stopped at
+# where a trial's time went (JSON of timestamps and seconds, for benchmarks/dpo_sweep.py's breakdown)
+WORKER_TIMINGS_TAG, TRIAL_TIMINGS_TAG = "timing.worker", "timing.trial"
 
 
 class TuneForwardCallback(TuneReportCallback):
@@ -49,6 +53,7 @@ class MlflowReportCallback(UserCallback):
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self._tracker: Tracker | None = None
         self._last_logged_step: int | None = None
+        self._mlflow_s = 0.0   # this callback's MLflow writes so far (each report's final set_tags excluded)
 
     def _last_step(self, tracker: Tracker) -> int:
         steps = [s for key in ("train/loss", "logp/chosen") for s, _ in tracker.metric_history(self.run_id, key)]
@@ -58,6 +63,7 @@ class MlflowReportCallback(UserCallback):
         report = report_of(metrics[0])
         if report is None:
             return
+        started = time.time()
         if self._tracker is None:
             self._tracker = Tracker(self.tracking_uri)
             self._last_logged_step = self._last_step(self._tracker)
@@ -77,6 +83,9 @@ class MlflowReportCallback(UserCallback):
             tags["checkpoint_dir"] = report.final_model_dir
         if report.non_finite:
             tags[DIVERGED_TAG] = f"non-finite {report.non_finite}"
+        self._mlflow_s += time.time() - started
+        if tags and report.timings is not None:  # rides on a write that happens anyway (step 0 and the last)
+            tags[WORKER_TIMINGS_TAG] = json.dumps({**asdict(report.timings), "mlflow_writes_s": self._mlflow_s})
         if tags:
             tracker.set_tags(self.run_id, tags)
         self._last_logged_step = max(self._last_logged_step, report.step)
@@ -126,6 +135,7 @@ def one_line(error: BaseException) -> str:
 
 def run_trial(trial_config: dict) -> None:
     """Tune function trainable: one MLflow child run, one TorchTrainer fit."""
+    timings = {"process_started_at": process_started_at(), "started_at": time.time()}
     ctx: TrialContext = trial_config["context"]
     searched = {k: trial_config[k] for k in SEARCHABLE if k in trial_config}
     config = trial_settings(trial_config["train"], searched, ctx)
@@ -153,6 +163,7 @@ def run_trial(trial_config: dict) -> None:
     pool = rollout_pool(config) if config.loss == "ppo" or config.probe_decodes == "actors" else None
     if pool is not None:
         loop_config["rollout_pool"] = pool
+    timings["fit_started_at"] = time.time()  # MLflow run set up; the TorchTrainer is built and fit next
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -174,6 +185,7 @@ def run_trial(trial_config: dict) -> None:
     finally:
         if pool is not None:
             pool.shutdown()
+    timings["fit_ended_at"] = time.time()
     diverged = tracker.client.get_run(run_id).data.tags.get(DIVERGED_TAG)
     if diverged:  # a diverged run is a result, not a crash: failed in MLflow, not retried by Tune
         tracker.set_tags(run_id, {FAILURE_TAG: f"diverged: {diverged}"})
@@ -182,4 +194,6 @@ def run_trial(trial_config: dict) -> None:
     curves = category_curves(tracker, run_id, ctx.categories)
     figure = plot_category_curves({run_name: curves}, title=f"{ctx.sweep_name} — {run_name}")
     tracker.log_figure(run_id, figure, "figures/category_curves.png")
+    timings["ended_at"] = time.time()  # figure logged; what follows is one tag write and end_run
+    tracker.set_tags(run_id, {TRIAL_TIMINGS_TAG: json.dumps(timings)})
     tracker.end_run(run_id)

@@ -9,8 +9,13 @@ round trip to the Train controller, so per-step metrics are buffered and shipped
 """
 from __future__ import annotations
 
+import time
+
+_IMPORTS_STARTED_AT = time.time()  # noqa: E402  (the imports below are timed for the trial breakdown)
+
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import ray.train
@@ -21,7 +26,9 @@ from infra import storage
 from infra.cpu_threads import use_cpu_share
 from trainers.config import TrainConfig
 from trainers.runs.policy_trainer import STATE_FILE, PolicyTrainer  # noqa: F401  (STATE_FILE: the DDP checkpoint's file)
-from trainers.runs.worker_report import WorkerReport, non_finite_metrics
+from trainers.runs.worker_report import WorkerReport, WorkerTimings, non_finite_metrics
+
+_IMPORTS_DONE_AT = time.time()
 
 FAULT_STEP_ENV, FAULT_MARKER_ENV = "PROBESWEEP_FAULT_AT_STEP", "PROBESWEEP_FAULT_MARKER_DIR"
 
@@ -50,6 +57,14 @@ def worker_nodes() -> list[str]:
     return gathered
 
 
+def process_started_at() -> float | None:
+    try:
+        import psutil  # a Ray dependency
+    except ImportError:
+        return None
+    return psutil.Process().create_time()
+
+
 def configure_worker(config: TrainConfig) -> None:
     """Threads follow the worker's CPU share (floor, at least one); a DeepSpeed GPU worker takes its device."""
     if not config.use_gpu:
@@ -60,6 +75,8 @@ def configure_worker(config: TrainConfig) -> None:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """loop_config: {"train": TrainConfig, "final_model_dir": str | None, "rollout_pool": RolloutPool (PPO)}."""
+    timings = WorkerTimings(process_started_at=process_started_at(), imports_started_at=_IMPORTS_STARTED_AT,
+                            imports_done_at=_IMPORTS_DONE_AT, loop_started_at=time.time())
     # remote storage (s3://...): the warm-up, probe set and reward model are read from this node's copies
     config: TrainConfig = storage.local_inputs(loop_config["train"])
     final_model_dir = loop_config.get("final_model_dir")
@@ -74,6 +91,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     else:
         trainer = PolicyTrainer(config, rank, context.get_world_size(), wrap_model=ray.train.torch.prepare_model,
                                 pool=loop_config.get("rollout_pool"))
+    timings.trainer_built_at = time.time()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -81,6 +99,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     resumed_from = trainer.step if checkpoint is not None else None
     trainer.prepare()
     nodes = worker_nodes()  # every rank takes part; rank 0's first report carries them
+    timings.prepared_at = time.time()
 
     pending: list[dict] = []   # per-step metrics not yet reported; each report ships them all
 
@@ -95,34 +114,46 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if trainer.step == 0 or final:
                 sent.train_pairs, sent.skipped_rows = len(trainer.pairs), trainer.skipped_rows
             if final and final_model_dir:
+                started = time.time()
                 with storage.output_dir(final_model_dir) as directory:  # a URI: saved locally, then uploaded
                     trainer.save_pretrained(directory)
                 sent.final_model_dir = str(final_model_dir)
+                timings.final_save_s += time.time() - started
+            timings.sent_at = time.time()
+            sent.timings = replace(timings)  # a copy: the report may be read after this loop moves on
             payload = sent.metrics_payload()
         nodes = None
         pending.clear()
+        started = time.time()
         if save and (rank == 0 or trainer.checkpoint_on_every_rank):
             with tempfile.TemporaryDirectory() as directory:
                 trainer.save_checkpoint(directory)
                 ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            timings.checkpoints_s += time.time() - started
         else:
             ray.train.report(payload)
+            timings.reports_s += time.time() - started
 
     if trainer.step == 0:
         eval_metrics, records = trainer.evaluate()
         pending.append({"step": 0, **eval_metrics})
+        timings.first_eval_done_at = time.time()
         report(records, save=False, final=False)
     while trainer.step < config.max_steps:
         if rank == 0:
             _inject_fault_once(trainer.step + 1, context.get_experiment_name())
+        started = time.time()
         metrics = {"step": trainer.step + 1, **trainer.train_step()}
+        timings.steps_s += time.time() - started
         final = trainer.step == config.max_steps
         evaluate = trainer.step % config.eval_every == 0 or final
         save = final or trainer.step % config.checkpoint_every == 0
         records = None
         if evaluate:
+            started = time.time()
             eval_metrics, records = trainer.evaluate()
             metrics.update(eval_metrics)
+            timings.evals_s += time.time() - started
         pending.append(metrics)
         # metrics are averaged over ranks, so every rank sees the same values and stops at the same step
         diverged = non_finite_metrics(metrics)

@@ -14,6 +14,27 @@ REPORT_KEY = "_report"   # the one non-metric key of a report: Tune never sees i
 
 
 @dataclass
+class WorkerTimings:
+    """Rank 0's clock (time.time()), so a benchmark can say where a trial's time went.
+
+    `*_at` are wall timestamps; `*_s` are seconds summed over the run so far. A report's own round
+    trip is not in the report it carries (the final one shows up as the trial's shutdown span)."""
+    process_started_at: float | None = None   # the worker process (Ray may have started it for an earlier task)
+    imports_started_at: float | None = None   # train_loop's module imports (torch, ray.train, the trainers) ...
+    imports_done_at: float | None = None      # ... done; long before the loop when the process was reused
+    loop_started_at: float | None = None      # train_loop_per_worker entered
+    trainer_built_at: float | None = None     # PolicyTrainer built: model + tokenizer, data, reference log-probs, probes
+    prepared_at: float | None = None          # checkpoint restored (if any), DDP wrapped, nodes gathered
+    first_eval_done_at: float | None = None   # the step-0 evaluation
+    steps_s: float = 0.0                      # train_step calls
+    evals_s: float = 0.0                      # evaluations after step 0
+    reports_s: float = 0.0                    # ray.train.report round trips without a checkpoint
+    checkpoints_s: float = 0.0                # save_checkpoint + the report that hands it to Train
+    final_save_s: float = 0.0                 # save_pretrained of the final model
+    sent_at: float | None = None              # when the report carrying these was sent
+
+
+@dataclass
 class WorkerReport:
     step: int
     history: list[dict] = field(default_factory=list)       # every step's metrics since the last report ({"step": n, ...})
@@ -24,6 +45,7 @@ class WorkerReport:
     skipped_rows: int | None = None
     final_model_dir: str | None = None                      # where the final model was saved
     non_finite: str | None = None                           # "train/loss=nan at step 7": the run diverged and stopped
+    timings: WorkerTimings | None = None                    # rank 0's time spent so far (for benchmarks)
 
     def metrics_payload(self) -> dict[str, Any]:
         """What `ray.train.report` gets: the last step's scalars, plus this report."""
