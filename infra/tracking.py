@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import tempfile
 import time
@@ -54,10 +55,75 @@ def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return flat
 
 
+def is_locked_error(error: BaseException) -> bool:
+    """SQLite's "database is locked" (another writer held it past the driver's busy timeout), however wrapped."""
+    while error is not None:
+        if "database is locked" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class RetryingClient:
+    """An MlflowClient whose calls are retried with backoff while a SQLite store reports "database is
+    locked": many trials write one store at once, and a locked write was rolled back, so repeating it is
+    safe. Any other error, or a lock that outlasts `patience_s`, is raised as it came."""
+
+    def __init__(self, client: MlflowClient, patience_s: float = 120.0, first_wait_s: float = 0.05):
+        self._client, self._patience_s, self._first_wait_s = client, patience_s, first_wait_s
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            deadline = time.monotonic() + self._patience_s
+            wait = self._first_wait_s
+            while True:
+                try:
+                    return attribute(*args, **kwargs)
+                except Exception as error:  # noqa: BLE001 - only the lock is retried; the rest re-raised
+                    if not is_locked_error(error) or time.monotonic() + wait > deadline:
+                        raise
+                time.sleep(wait * random.uniform(0.5, 1.5))  # jitter: writers that collided do not collide again
+                wait = min(2 * wait, 5.0)
+
+        return call
+
+
+def step_chunks(batch: list[Metric], limit: int = 1000) -> list[list[Metric]]:
+    """`batch` (ordered by step) cut into log_batch calls of at most `limit` metrics that never split a
+    step, so a crash between two calls leaves whole steps only, and a replay that resumes after the last
+    logged step leaves no gap. A step of more than `limit` metrics is cut with its `train/loss` last,
+    the key the replay reads, so a step that shows it was logged whole."""
+    steps: dict[int, list[Metric]] = {}
+    for metric in batch:
+        steps.setdefault(metric.step, []).append(metric)
+    chunks: list[list[Metric]] = []
+    current: list[Metric] = []
+    for step in sorted(steps):
+        metrics = sorted(steps[step], key=lambda m: m.key in REPLAY_KEYS)  # the replay's keys last
+        if current and len(current) + len(metrics) > limit:
+            chunks.append(current)
+            current = []
+        while len(metrics) > limit:
+            chunks.append(metrics[:limit])
+            metrics = metrics[limit:]
+        current.extend(metrics)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+# the keys a restarted trial reads to find the last step its run holds (sweeps.trial.MlflowReportCallback)
+REPLAY_KEYS = ("train/loss", "logp/chosen")
+
+
 class Tracker:
     def __init__(self, tracking_uri: str):
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = RetryingClient(MlflowClient(tracking_uri=tracking_uri))
 
     def check_reachable(self) -> None:
         """Fail before any training if the store cannot be used."""
@@ -113,8 +179,8 @@ class Tracker:
         batch = [Metric(clean_key(k), float(v) if math.isfinite(float(v)) else math.nan, now, int(step))
                  for step, metrics in rows for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        for start in range(0, len(batch), 1000):  # MLflow's per-batch metric limit
-            self.client.log_batch(run_id, metrics=batch[start:start + 1000])
+        for chunk in step_chunks(batch):  # MLflow's per-batch metric limit, whole steps per call
+            self.client.log_batch(run_id, metrics=chunk)
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

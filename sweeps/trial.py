@@ -22,7 +22,7 @@ from probes.token_records import log_probe_records
 from sweeps.run_manifest import trial_manifest
 from sweeps.context import TrialContext
 from sweeps.search import SEARCHABLE, warmup_key
-from infra.tracking import Tracker
+from infra.tracking import REPLAY_KEYS, Tracker
 from infra import storage as store
 from trainers.config import TrainConfig
 from trainers.runs.train_loop import process_started_at, train_loop_per_worker
@@ -56,7 +56,8 @@ class MlflowReportCallback(UserCallback):
         self._mlflow_s = 0.0   # this callback's MLflow writes so far (each report's final set_tags excluded)
 
     def _last_step(self, tracker: Tracker) -> int:
-        steps = [s for key in ("train/loss", "logp/chosen") for s, _ in tracker.metric_history(self.run_id, key)]
+        # log_metrics_by_step writes whole steps per call, so every step up to this one is complete
+        steps = [s for key in REPLAY_KEYS for s, _ in tracker.metric_history(self.run_id, key)]
         return max(steps, default=-1)
 
     def after_report(self, run_context, metrics, checkpoint):
