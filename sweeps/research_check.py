@@ -21,7 +21,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sweeps.research_patterns import dpo_checks, ppo_checks, sft_checks  # noqa: E402
+from sweeps.research_patterns import Check, dpo_checks, ppo_checks, sft_checks  # noqa: E402
+
+EXPERIMENT = "research-check"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,24 +45,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--storage-path", default="probesweep_runs/research", help="sweep storage folder")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite under --storage-path)")
     parser.add_argument("--out", default="benchmarks/results", help="folder of the JSON, the table and the figure")
+    parser.add_argument("--phases", nargs="+", default=["sft", "dpo", "ppo"], choices=("sft", "dpo", "ppo"),
+                        help="which sweeps to run (the report reads every finished one from the store)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: rebuild the report from the sweeps already in the store")
     args = parser.parse_args(argv)
     if args.ppo_steps < 10:
         parser.error("--ppo-steps: at least 10 (the reward check compares the first and the last 5 steps)")
     return args
 
 
+def tracking_uri(args: argparse.Namespace) -> str:
+    return args.tracking_uri or f"sqlite:///{Path(args.storage_path).resolve() / 'mlflow.db'}"
+
+
 def common_flags(args: argparse.Namespace, name: str) -> list[str]:
-    tracking = args.tracking_uri or f"sqlite:///{Path(args.storage_path).resolve() / 'mlflow.db'}"
     flags = ["--name", name, "--overwrite", "--model", args.model, "--storage-path", args.storage_path,
-             "--tracking-uri", tracking, "--experiment-name", "research-check", "--num-workers", str(args.workers),
+             "--tracking-uri", tracking_uri(args), "--experiment-name", EXPERIMENT, "--num-workers", str(args.workers),
              "--num-probe-prompts", str(args.probe_prompts), "--max-concurrent-trials", "2"]
     if args.lora_rank:
         flags += ["--lora-rank", str(args.lora_rank)]
     return flags
 
 
-def run_entry(entry, argv: list[str]):
-    """One sweep through the entry point's own parsing and driver; its outcome."""
+def run_entry(entry, argv: list[str]) -> None:
+    """One sweep through the entry point's own parsing and driver."""
     from sweeps.config import parse_config
     from sweeps.driver import run_sweep
     from sweeps.search import search_space
@@ -68,8 +77,24 @@ def run_entry(entry, argv: list[str]):
     config = parse_config(argv, entry)
     outcome = run_sweep(config, search_space(config, entry.searched_values(config)))
     if outcome.failed_trials:
-        raise SystemExit("error: a research sweep failed: " + "; ".join(outcome.failed_trials))
-    return outcome
+        print("warning: failed trials (left out of the report): " + "; ".join(outcome.failed_trials), flush=True)
+
+
+def finished_rows(tracker, name: str) -> list[dict] | None:
+    """The summary rows of the finished trials of the latest sweep `name` in the store; None if there is none."""
+    from sweeps.summary import run_row
+
+    experiment = tracker.client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return None
+    parents = tracker.client.search_runs([experiment.experiment_id], filter_string=f"tags.sweep = '{name}'",
+                                         order_by=["attributes.start_time DESC"], max_results=50)
+    parents = [r for r in parents if r.info.run_name == f"sweep:{name}"]
+    if not parents:
+        return None
+    children = [r for r in tracker.child_runs(experiment.experiment_id, parents[0].info.run_id)
+                if r.data.tags.get("stage") == "sweep" and r.info.status == "FINISHED"]
+    return [run_row(tracker, r) for r in children] or None
 
 
 def numbers_only(row: dict) -> dict:
@@ -77,39 +102,47 @@ def numbers_only(row: dict) -> dict:
             or k.startswith("delta/")}
 
 
+def not_run(name: str, phase: str) -> Check:
+    return Check(name, "", None, {}, f"not measured: no finished {phase} sweep in the store (phase not run or cut short)")
+
+
 def run_model(args: argparse.Namespace) -> dict:
     from infra.tracking import Tracker
     from sweeps import dpo_beta, ppo, sft
 
     tag = args.model.replace("/", "_")
-    timings = {}
-    started = time.time()
+    names = {phase: f"research-{phase}-{tag}" for phase in ("sft", "dpo", "ppo")}
     seeds = [str(s) for s in args.seeds]
-    sft_out = run_entry(sft.ENTRY, common_flags(args, f"research-sft-{tag}") + [
-        "--max-steps", str(args.sft_steps), "--lr", str(args.sft_lr), "--eval-every", str(max(1, args.sft_steps // 4)),
-        "--seeds", *seeds])
-    timings["sft_s"] = round(time.time() - started, 1)
-    started = time.time()
     warmup = ["--sft-steps", str(args.sft_steps), "--sft-lr", str(args.sft_lr)]
-    dpo_out = run_entry(dpo_beta.ENTRY, common_flags(args, f"research-dpo-{tag}") + warmup + [
-        "--betas", *[str(b) for b in args.betas], "--sft-recipes", "chosen", "both", "--lr", str(args.dpo_lr),
-        "--max-steps", str(args.dpo_steps), "--eval-every", str(max(1, args.dpo_steps // 3))])
-    timings["dpo_s"] = round(time.time() - started, 1)
-    started = time.time()
-    ppo_out = run_entry(ppo.ENTRY, common_flags(args, f"research-ppo-{tag}") + warmup + [
-        "--kl-coefs", *[str(c) for c in args.kl_coefs], "--seeds", *seeds, "--lr", str(args.ppo_lr),
-        "--max-steps", str(args.ppo_steps), "--eval-every", str(args.ppo_steps)])
-    timings["ppo_s"] = round(time.time() - started, 1)
-    tracker = Tracker(ppo_out.tracking_uri)
+    commands = {
+        "sft": (sft.ENTRY, ["--max-steps", str(args.sft_steps), "--lr", str(args.sft_lr),
+                            "--eval-every", str(max(1, args.sft_steps // 4)), "--seeds", *seeds]),
+        "dpo": (dpo_beta.ENTRY, warmup + ["--betas", *[str(b) for b in args.betas], "--sft-recipes", "chosen", "both",
+                                          "--lr", str(args.dpo_lr), "--max-steps", str(args.dpo_steps),
+                                          "--eval-every", str(max(1, args.dpo_steps // 3))]),
+        "ppo": (ppo.ENTRY, warmup + ["--kl-coefs", *[str(c) for c in args.kl_coefs], "--seeds", *seeds,
+                                     "--lr", str(args.ppo_lr), "--max-steps", str(args.ppo_steps),
+                                     "--eval-every", str(args.ppo_steps)]),
+    }
+    timings = {}
+    for phase in ([] if args.report_only else args.phases):
+        started = time.time()
+        entry, flags = commands[phase]
+        run_entry(entry, common_flags(args, names[phase]) + flags)
+        timings[f"{phase}_s"] = round(time.time() - started, 1)
+    tracker = Tracker(tracking_uri(args))
+    rows = {phase: finished_rows(tracker, name) for phase, name in names.items()}
     ppo_runs = [{"run_name": r["run_name"], "kl_coef": float(r["ppo_kl_coef"]), "seed": r["seed"],
                  "reward": [v for _, v in tracker.metric_history(r["run_id"], "ppo/reward")],
-                 "kl": [v for _, v in tracker.metric_history(r["run_id"], "ppo/kl")]} for r in ppo_out.summary]
-    checks = sft_checks(sft_out.summary) + dpo_checks(dpo_out.summary) + ppo_checks(ppo_runs)
+                 "kl": [v for _, v in tracker.metric_history(r["run_id"], "ppo/kl")]} for r in rows["ppo"] or []]
+    checks = (sft_checks(rows["sft"]) if rows["sft"] else [not_run("sft.*", "SFT")])
+    checks += dpo_checks(rows["dpo"]) if rows["dpo"] else [not_run("dpo.*", "DPO")]
+    checks += ppo_checks(ppo_runs) if ppo_runs else [not_run("ppo.*", "PPO")]
     return {"model": args.model, "lora_rank": args.lora_rank, "timings": timings,
             "sizes": {k: getattr(args, k) for k in ("sft_steps", "sft_lr", "dpo_steps", "dpo_lr", "betas", "ppo_steps",
                                                     "ppo_lr", "kl_coefs", "seeds", "probe_prompts", "workers")},
             "checks": [c.to_dict() for c in checks],
-            "runs": {"sft": [numbers_only(r) for r in sft_out.summary], "dpo": [numbers_only(r) for r in dpo_out.summary],
+            "runs": {"sft": [numbers_only(r) for r in rows["sft"] or []], "dpo": [numbers_only(r) for r in rows["dpo"] or []],
                      "ppo": ppo_runs}}
 
 
@@ -130,7 +163,8 @@ def markdown(report: dict) -> str:
         lines += [f"## {model['model']}" + (f" (LoRA rank {model['lora_rank']})" if model["lora_rank"] else ""), "",
                   "| check | result | measured | note |", "|---|---|---|---|"]
         for check in model["checks"]:
-            lines.append(f"| {check['name']} | {'pass' if check['passed'] else '**fail**'} | "
+            result = "not run" if check["passed"] is None else "pass" if check["passed"] else "**fail**"
+            lines.append(f"| {check['name']} | {result} | "
                          f"{_short(check['numbers'])} | {check['note']} |")
         lines.append("")
     return "\n".join(lines)
@@ -147,7 +181,8 @@ def figure(report: dict, path: Path) -> None:
     categories = ("chosen", "rejected", "paraphrase_chosen", "paraphrase_rejected", "variant", "random", "nonresponse", "greedy")
     for row, model in zip(axes, models):
         sft_rows = model["runs"]["sft"]
-        row[0].bar(categories, [sum(r.get(f"delta/{c}", 0) for r in sft_rows) / len(sft_rows) for c in categories])
+        if sft_rows:
+            row[0].bar(categories, [sum(r.get(f"delta/{c}", 0) for r in sft_rows) / len(sft_rows) for c in categories])
         row[0].set_title(f"{model['model']}: SFT, Δ log p per category")
         width = 0.8 / max(1, len(model["runs"]["dpo"]))
         for i, r in enumerate(model["runs"]["dpo"]):
@@ -155,11 +190,13 @@ def figure(report: dict, path: Path) -> None:
                        width, label=f"β={r['beta']} sft={r['sft_recipe']}")
         row[1].set_xticks(range(len(categories)), categories)
         row[1].set_title("DPO, Δ log p per category")
-        row[1].legend(fontsize=7)
+        if model["runs"]["dpo"]:
+            row[1].legend(fontsize=7)
         for r in model["runs"]["ppo"]:
             row[2].plot(r["reward"], label=f"kl_coef={r['kl_coef']} seed={r['seed']}")
         row[2].set_title("PPO: mean reward per step")
-        row[2].legend(fontsize=7)
+        if model["runs"]["ppo"]:
+            row[2].legend(fontsize=7)
         for ax in row[:2]:
             ax.tick_params(axis="x", rotation=45)
             ax.axhline(0, color="black", linewidth=0.5)

@@ -17,7 +17,7 @@ STATIC = ("chosen", "rejected", "paraphrase_chosen", "paraphrase_rejected", "var
 class Check:
     name: str
     pattern: str           # what the literature reports
-    passed: bool
+    passed: bool | None    # None: not measured
     numbers: dict = field(default_factory=dict)
     note: str = ""         # why it did not show, when it did not
 
