@@ -142,7 +142,7 @@ def _reference_logps_task(train: TrainConfig, directory: str) -> tuple[str, bool
 
     from trainers.data.collate import load_training_pairs
     from trainers.model.factory import load_model_and_tokenizer
-    from trainers.runs.reference_logps import load_or_compute_reference_logps
+    from trainers.runs.reference_logps import load_or_compute_reference_logps, visited_pair_indices
 
     started = time.perf_counter()
     config = store.local_inputs(train, ["init_checkpoint"])  # a remote warm-up: this node's copy
@@ -153,8 +153,11 @@ def _reference_logps_task(train: TrainConfig, directory: str) -> tuple[str, bool
         # runs once, before any trial of the sweep starts: the node's cores are otherwise idle
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     _, pairs, _ = load_training_pairs(config, tokenizer)
+    # only the pairs the trials' schedule visits: every trial shares seed, batch shape and step count
+    visited = visited_pair_indices(len(pairs), config.micro_batch_size, config.num_workers, config.grad_accum_steps,
+                                   config.seed, config.max_steps)
     _, path, computed = load_or_compute_reference_logps(model, pairs, tokenizer.pad_token_id, directory,
-                                                        batch_size=2 * config.micro_batch_size)
+                                                        batch_size=2 * config.micro_batch_size, indices=visited)
     return str(path), computed, time.perf_counter() - started
 
 

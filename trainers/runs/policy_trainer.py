@@ -225,7 +225,8 @@ class PolicyTrainer:
     def _reference_for(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.reference_logps is None:
             return None
-        return torch.from_numpy(self.reference_logps.chosen[indices]), torch.from_numpy(self.reference_logps.rejected[indices])
+        chosen, rejected = self.reference_logps.pick(indices)  # a pair outside the shared file fails loudly
+        return torch.from_numpy(chosen), torch.from_numpy(rejected)
 
     def evaluate(self) -> tuple[dict[str, float], list[dict]]:
         """Score this rank's probe prompts, gather all ranks, summarise per category."""
