@@ -137,8 +137,9 @@ def _prepare_head_user(venv_site_packages: Path, public_key: str):
     home = Path(pwd.getpwnam(HEAD_USER).pw_dir)
     readable = subprocess.run(["su", "-", HEAD_USER, "-c", f"test -r '{ROOT / '.git' / 'HEAD'}' && "
                                f"test -r '{venv_site_packages / 'ray' / '__init__.py'}'"], capture_output=True)
-    assert readable.returncode == 0, (f"{HEAD_USER} cannot read this checkout or its .venv ({ROOT}): the head clones "
-                                      "the one and shares the other; clone the project where other users can read it")
+    if readable.returncode != 0:  # a machine fact, not a defect of the launcher: say so and do not run
+        pytest.skip(f"{HEAD_USER} cannot read this checkout or its .venv ({ROOT}): the head clones the one and "
+                    "shares the other; clone the project where other users can read it to run this test")
     # the head's python3 (cluster.yaml's) must read the project's compiled packages: same minor version
     head_python = _as_head("python3 -c 'import sys; print(*sys.version_info[:2])'", timeout=60).split()
     if head_python != [str(v) for v in sys.version_info[:2]]:
