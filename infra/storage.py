@@ -253,6 +253,55 @@ def _locked(lock_path: Path) -> Iterator[None]:
         yield
 
 
+CACHE_LIMIT_ENV = "PROBESWEEP_STORAGE_CACHE_GB"  # the sweep's --storage-cache-gb, passed to every node
+
+
+def cache_limit_bytes() -> int | None:
+    """The node-local storage cache's size limit from the environment (unset or empty: no limit)."""
+    text = os.environ.get(CACHE_LIMIT_ENV, "").strip()
+    return int(float(text) * 2**30) if text else None
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def prune_cache(root, max_bytes: int, keep=()) -> list[str]:
+    """Remove the least recently used finished copies under `root` until their total size is at most
+    `max_bytes` (`keep`: names never removed, e.g. the copy just handed out). A copy is first renamed
+    aside, so a process that opens it by name sees it whole or not at all; one that already has its
+    files open keeps reading them. Returns the names removed."""
+    root = Path(root)
+    entries = [p for p in root.iterdir() if not p.name.startswith(".")] if root.is_dir() else []
+    sizes = {p: _size(p) for p in entries}
+    total = sum(sizes.values())
+    removed = []
+    for entry in sorted(entries, key=lambda p: p.stat().st_mtime_ns):  # least recently used first
+        if total <= max_bytes:
+            break
+        if entry.name in keep:
+            continue
+        aside = root / f".{entry.name}.pruned-{os.getpid()}"
+        try:
+            os.rename(entry, aside)
+        except OSError:  # another process pruned it first
+            continue
+        shutil.rmtree(aside, ignore_errors=True)
+        total -= sizes[entry]
+        removed.append(entry.name)
+    return removed
+
+
+def _used(target: Path, root: Path) -> None:
+    """Mark a cached copy as just used (its modification time orders the pruning), then keep the cache
+    within its limit."""
+    with contextlib.suppress(OSError):
+        os.utime(target)
+    limit = cache_limit_bytes()
+    if limit is not None:
+        prune_cache(root, limit, keep={target.name})
+
+
 def local_copy(path, cache_dir=None):
     """A local path with the content of `path`: unchanged when it is local (None stays None), else a
     node-local copy of the remote file or folder, downloaded on first use."""
@@ -277,6 +326,7 @@ def local_copy(path, cache_dir=None):
     target = root / f"{name}-{digest.hexdigest()[:20]}"  # the finished copy; it exists only when whole
     result = target / name if is_file else target
     if target.exists():
+        _used(target, root)
         return str(result)
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / f".{target.name}.lock"):
@@ -290,6 +340,7 @@ def local_copy(path, cache_dir=None):
                 shutil.rmtree(staging, ignore_errors=True)
                 if not target.exists():
                     raise
+    _used(target, root)
     return str(result)
 
 

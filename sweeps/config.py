@@ -52,6 +52,8 @@ class SweepConfig:
     max_concurrent_trials: int = _f(3, "trials running at once", range=AT_LEAST_1)
     train_poll_interval_s: float = _f(0.2, "how often Ray Train's controller collects worker reports (Ray's default 2 s makes every report wait)", range=POSITIVE)
     max_failures: int = _f(1, "retries of a failed trial (from its last checkpoint) before giving up", range=NON_NEGATIVE)
+    checkpoints_to_keep: int = _f(2, "Ray Train checkpoints kept per trial, the oldest deleted (2 or more lets a corrupt last checkpoint fall back to the one before)", range=AT_LEAST_1)
+    storage_cache_gb: float | None = _f(None, "size limit of each node's cache of files fetched from a remote --storage-path (least recently used copies are removed past it; default: no limit)", range=POSITIVE)
     trials_on_head: bool = _f(True, "run each trial's orchestrating process (and its Ray Train controller) on the head node, so losing a worker node costs only its training workers, which restart from the last checkpoint")
     worker_resources: list[str] | None = _f(None, "extra Ray resources per training worker as NAME=AMOUNT (e.g. a custom resource that only one node type of the cluster declares), so workers land only on such nodes")
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -25,3 +25,4 @@ class TrialContext:
     stage: str = "sweep"                                # "sft-warmup" or "sweep"
     init_checkpoints: dict[str, str] = field(default_factory=dict)     # warmup_key(model, recipe) -> warm-up folder
     final_model_dirs: dict[str, str] = field(default_factory=dict)     # warmup_key -> where a warm-up trial saves
+    checkpoints_to_keep: int = 2                        # Ray Train checkpoints kept per trial (CheckpointConfig)

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 STATE_FILE = "sweep_state.json"
 # set on the driver, needed by every node to reach the same object store (no secrets: credentials stay with each node)
-STORE_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+STORE_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", store.CACHE_LIMIT_ENV)
 
 
 @dataclass
@@ -283,7 +283,10 @@ def run_sweep(config: SweepConfig, param_space: dict) -> SweepOutcome:
                            storage_path=storage, sweep_name=config.name, max_failures=config.max_failures,
                            probe_set_hash=probe_set.content_hash(), categories=tuple(CATEGORIES),
                            worker_shares=config.worker_share_by_model(),
-                           worker_resources=config.worker_resource_requests())
+                           worker_resources=config.worker_resource_requests(),
+                           checkpoints_to_keep=config.checkpoints_to_keep)
+    if config.storage_cache_gb is not None:  # every node's copy of remote files (start_ray passes it on)
+        os.environ[store.CACHE_LIMIT_ENV] = f"{config.storage_cache_gb:g}"
     failed = True
     table: list[dict] = []
     failures: list[str] = []

@@ -12,7 +12,7 @@ from dataclasses import asdict, replace
 
 import yaml
 from ray import tune
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.callback import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -90,6 +90,12 @@ class MlflowReportCallback(UserCallback):
         if tags:
             tracker.set_tags(self.run_id, tags)
         self._last_logged_step = max(self._last_logged_step, report.step)
+
+
+def checkpoint_config(ctx: TrialContext) -> CheckpointConfig:
+    """The trial's newest checkpoints are kept, older ones deleted; two or more leave a fallback when
+    the last one is unreadable (PolicyTrainer.load_latest_readable_checkpoint)."""
+    return CheckpointConfig(num_to_keep=getattr(ctx, "checkpoints_to_keep", 2))  # a context pickled before the field: 2
 
 
 def trial_run_name(train: TrainConfig, searched: dict) -> str:
@@ -175,6 +181,7 @@ def run_trial(trial_config: dict) -> None:
             storage_path=store.join(ctx.storage_path, ctx.sweep_name, "train"),
             callbacks=[TuneForwardCallback(), MlflowReportCallback(ctx.tracking_uri, run_id)],
             failure_config=FailureConfig(max_failures=ctx.max_failures),
+            checkpoint_config=checkpoint_config(ctx),
         ),
     )
     try:
