@@ -7,8 +7,11 @@ so values become `tune.choice` for it.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Sequence
+
+from infra.cpu_threads import threads_for_cpus
 
 from sweeps.config import SWEPT_BY, SweepConfig
 
@@ -67,10 +70,45 @@ def scheduler(config: SweepConfig):
                          grace_period=max(1, min(config.train.eval_every, config.train.max_steps)), reduction_factor=2)
 
 
+def threads_per_trial(config: SweepConfig) -> int:
+    """Busy threads of one CPU trial: each worker (and rollout actor, where the trial has them) runs at
+    least one, however small its fractional Ray share (infra.cpu_threads)."""
+    train = config.train
+    share = max([train.cpus_per_worker, *config.worker_share_by_model().values()])
+    threads = train.num_workers * threads_for_cpus(share)
+    if train.loss == "ppo" or "ppo" in (config.losses or []) or train.probe_decodes == "actors":
+        threads += train.rollout.num_actors * threads_for_cpus(train.rollout.cpus_per_actor)
+    return threads
+
+
+def concurrent_trials(config: SweepConfig, cores: float) -> int:
+    """--max-concurrent-trials, lowered so the trials' threads fit the cores (Ray packs fractional shares,
+    but each worker still keeps a core busy). A GPU trial is bound by its GPU: left as asked. To
+    oversubscribe on purpose, raise --num-cpus."""
+    if config.train.use_gpu:
+        return config.max_concurrent_trials
+    return max(1, min(config.max_concurrent_trials, math.floor((cores + 1e-9) / threads_per_trial(config))))
+
+
+def ray_cpus(config: SweepConfig) -> float:
+    """The CPUs of the running Ray (its --num-cpus on a local one), or this machine's cores."""
+    import ray
+
+    if ray.is_initialized():
+        return float(ray.cluster_resources().get("CPU", 1.0))
+    return float(config.num_cpus or os.cpu_count() or 1)
+
+
 def tune_settings(config: SweepConfig) -> dict:
     """Keyword arguments of `tune.TuneConfig` for this sweep."""
     if config.search != "grid" or config.scheduler != "fifo":
         # the step-0 evaluation report carries no training metric; ASHA and Optuna skip such reports
         os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    cores = ray_cpus(config)
+    concurrent = concurrent_trials(config, cores)
+    if concurrent < config.max_concurrent_trials:
+        print(f"running {concurrent} trial(s) at once, not --max-concurrent-trials {config.max_concurrent_trials}: "
+              f"each needs {threads_per_trial(config)} busy thread(s) and Ray has {cores:g} CPUs "
+              "(raise --num-cpus to oversubscribe on purpose)", flush=True)
     return {"search_alg": search_algorithm(config), "scheduler": scheduler(config),
-            "num_samples": config.num_samples, "max_concurrent_trials": config.max_concurrent_trials}
+            "num_samples": config.num_samples, "max_concurrent_trials": concurrent}
