@@ -166,7 +166,7 @@ def run_trial(trial_config: dict) -> None:
     trial_dir_name = f"{ctx.stage}-{trial_id}"
     final_model_dir = (ctx.final_model_dirs.get(warmup_key(config.model, config.sft_recipe))
                        or store.join(ctx.storage_path, ctx.sweep_name, "models", trial_dir_name))  # local or a URI
-    loop_config = {"train": config, "final_model_dir": final_model_dir}
+    loop_config = {"train": config, "final_model_dir": final_model_dir, "probe_set_hash": ctx.probe_set_hash}
     pool = rollout_pool(config) if config.loss == "ppo" or config.probe_decodes == "actors" else None
     if pool is not None:
         loop_config["rollout_pool"] = pool

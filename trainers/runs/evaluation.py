@@ -24,6 +24,23 @@ class TokenizedProbes:
     response_ids: dict[str, list[list[int]]]    # category -> per prompt_id
 
 
+class ProbeSetMismatch(RuntimeError):
+    """The probe set a worker found is not the one its run recorded."""
+
+
+def check_probe_set(directory, expected_hash: str | None) -> None:
+    """Fail loudly when the probe set at `directory` is not the one the run recorded (`expected_hash`,
+    the sweep's probe_set_hash): a set replaced after the sweep started (another sweep's --overwrite, a
+    stale node cache) would make this trial's curves incomparable with its siblings'."""
+    if not directory or not expected_hash:
+        return
+    found = ProbeSet.load(directory).content_hash()
+    if found != expected_hash:
+        raise ProbeSetMismatch(f"probe set {directory} has content hash {found}, but this run recorded {expected_hash}: "
+                               "it was replaced after the sweep started; rerun the sweep (or --resume it with the "
+                               "original probe set back in place)")
+
+
 def tokenize_probe_set(probe_set: ProbeSet, tokenizer, max_prompt_tokens: int, max_response_tokens: int) -> TokenizedProbes:
     prompts = [encode_prompt(tokenizer, text, max_prompt_tokens)[0] for text in probe_set.prompts]
     responses = {

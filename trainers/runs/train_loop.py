@@ -25,6 +25,7 @@ import torch
 from infra import storage
 from infra.cpu_threads import use_cpu_share
 from trainers.config import TrainConfig
+from trainers.runs.evaluation import check_probe_set
 from trainers.runs.policy_trainer import STATE_FILE, PolicyTrainer  # noqa: F401  (STATE_FILE: the DDP checkpoint's file)
 from trainers.runs.worker_report import WorkerReport, WorkerTimings, non_finite_metrics
 
@@ -74,7 +75,8 @@ def configure_worker(config: TrainConfig) -> None:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """loop_config: {"train": TrainConfig, "final_model_dir": str | None, "rollout_pool": RolloutPool (PPO)}."""
+    """loop_config: {"train": TrainConfig, "final_model_dir": str | None, "rollout_pool": RolloutPool (PPO),
+    "probe_set_hash": the hash the run recorded (the loaded probe set must match it)}."""
     timings = WorkerTimings(process_started_at=process_started_at(), imports_started_at=_IMPORTS_STARTED_AT,
                             imports_done_at=_IMPORTS_DONE_AT, loop_started_at=time.time())
     # remote storage (s3://...): the warm-up, probe set and reward model are read from this node's copies
@@ -83,6 +85,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     configure_worker(config)
+    check_probe_set(config.probe_set_dir, loop_config.get("probe_set_hash"))  # the set the run recorded, or stop here
     if config.loss == "ppo":  # rollouts from the trial's actor pool, handed over in the loop config
         from trainers.runs.ppo_trainer import PPOTrainer
 
