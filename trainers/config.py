@@ -115,6 +115,7 @@ class TrainConfig(DataSettings):
     eval_every: int = _f(10, "score the probe set every N steps (and at step 0 and the last step)", range=AT_LEAST_1)
     num_probe_prompts: int = _f(32, "evaluation prompts in the probe set", range=AT_LEAST_1)
     probe_batch_prompts: int = _f(8, "prompts scored together in one shared-prompt pass", range=AT_LEAST_1)
+    grad_cos_prompts: int = _f(2, "probe prompts per category in the grad_cos/<category> alignment at each evaluation (0: off; each costs a backward per category)", range=NON_NEGATIVE)
     greedy_max_tokens: int = _f(48, "length limit of the policy's own decodes that form the `greedy` and `sample` categories", range=AT_LEAST_1)
     probe_decodes: str = _f("local", "who decodes the greedy and sample probes of SFT/DPO trials: 'local' (the training worker) or 'actors' (the rollout actors, as PPO always does)", choices=("local", "actors"))
     probe_set_dir: str | None = _f(None, "a saved probe set folder (the sweep builds and sets it)", aliases=("--probe-set",))

@@ -237,8 +237,9 @@ class PolicyTrainer:
                                   prompts_per_batch=self.config.probe_batch_prompts, decodes=self.policy_decodes())
         records = gather_records(records)
         summary = summarize_records(records)
-        if self.strategy is None and self.config.loss != "ppo":  # ZeRO partitions the parameters; PPO's loss needs rollouts
-            summary.update(self.grad_alignment())
+        # ZeRO partitions the parameters; PPO's loss needs rollouts
+        if self.config.grad_cos_prompts and self.strategy is None and self.config.loss != "ppo":
+            summary.update(self.grad_alignment(self.config.grad_cos_prompts))
         return summary, records
 
     def grad_alignment(self, num_prompts: int = 4) -> dict[str, float]:

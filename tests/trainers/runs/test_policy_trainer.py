@@ -43,6 +43,13 @@ def test_same_seed_same_curves_other_seed_differs(builtin_probe_dir):
     assert abs(first[-1]["train/loss"] - third[-1]["train/loss"]) > 1e-6
 
 
+def test_grad_cos_prompts_zero_turns_the_alignment_off(builtin_probe_dir):
+    trainer = PolicyTrainer(_config(builtin_probe_dir, grad_cos_prompts=0, max_steps=1))
+    trainer.prepare()
+    summary, _ = trainer.evaluate()
+    assert "logp/chosen" in summary and not any(key.startswith("grad_cos/") for key in summary)
+
+
 def test_dpo_starts_at_log2_and_every_parameter_moves(builtin_probe_dir):
     trainer, history, summary, records = _run(_config(builtin_probe_dir))
     # policy == reference at the first step, so the sigmoid DPO loss is exactly log 2
