@@ -25,8 +25,8 @@ from sweeps.search import SEARCHABLE, warmup_key
 from infra.tracking import REPLAY_KEYS, Tracker
 from infra import storage as store
 from trainers.config import TrainConfig
-from trainers.runs.train_loop import process_started_at, train_loop_per_worker
-from trainers.runs.worker_report import public_metrics, report_of
+from trainers.runs.worker_entry import train_loop_per_worker  # light: the trial process never imports the trainers
+from trainers.runs.worker_report import process_started_at, public_metrics, report_of
 
 FAILURE_TAG = "failure"    # why a trial's run failed, in one line (the driver prints it)
 DIVERGED_TAG = "diverged"  # the non-finite metrics a diverged run stopped at

@@ -27,7 +27,7 @@ from infra.cpu_threads import use_cpu_share
 from trainers.config import TrainConfig
 from trainers.runs.evaluation import check_probe_set
 from trainers.runs.policy_trainer import STATE_FILE, PolicyTrainer  # noqa: F401  (STATE_FILE: the DDP checkpoint's file)
-from trainers.runs.worker_report import WorkerReport, WorkerTimings, non_finite_metrics
+from trainers.runs.worker_report import WorkerReport, WorkerTimings, non_finite_metrics, process_started_at
 
 _IMPORTS_DONE_AT = time.time()
 
@@ -56,14 +56,6 @@ def worker_nodes() -> list[str]:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, node)
     return gathered
-
-
-def process_started_at() -> float | None:
-    try:
-        import psutil  # a Ray dependency
-    except ImportError:
-        return None
-    return psutil.Process().create_time()
 
 
 def configure_worker(config: TrainConfig) -> None:

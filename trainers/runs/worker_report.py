@@ -52,6 +52,15 @@ class WorkerReport:
         return {"step": self.step, **(self.history[-1] if self.history else {}), REPORT_KEY: self}
 
 
+def process_started_at() -> float | None:
+    """When this process was created (time.time() clock), for the breakdown's process-start spans."""
+    try:
+        import psutil  # a Ray dependency
+    except ImportError:
+        return None
+    return psutil.Process().create_time()
+
+
 def report_of(metrics: Mapping[str, Any]) -> WorkerReport | None:
     return metrics.get(REPORT_KEY)
 
