@@ -268,6 +268,10 @@ class PolicyTrainer:
         greedy = self.pool.generate(prompts, SamplingParams(max_new_tokens=limit, temperature=0))
         sample = self.pool.generate(prompts, SamplingParams(max_new_tokens=limit, temperature=1.0,
                                                             seed=derive_seed(self.config.seed, self.step)))
+        for decoded in (greedy, sample):  # an actor restarted since the last sync holds its start weights (as PPO checks)
+            if decoded.policy_version != self.policy_version:
+                raise RuntimeError(f"probe decodes came from policy version {decoded.policy_version}, expected "
+                                   f"{self.policy_version} (a rollout actor restarted since the last weight sync)")
         return {"greedy": (greedy.token_ids, greedy.texts), "sample": (sample.token_ids, sample.texts)}
 
     def state_dict(self) -> dict:
