@@ -83,6 +83,8 @@ BAD_INPUTS = [
      "tests/sweeps/test_cache_keys.py::test_the_warmup_key_changes_when_the_data_file_changes_in_place"),
     ("file", "changed local model folder", "new SFT warm-up cache key", RECOVERED, "nothing",
      "tests/sweeps/test_cache_keys.py::test_the_warmup_key_changes_when_a_local_model_folder_changes"),
+    ("file", "probe set replaced at the same path after the sweep started", "the worker stops, naming the folder and "
+     "both hashes", ERROR, "nothing", "tests/trainers/runs/test_probe_set_check.py::test_a_probe_set_replaced_after_the_run_recorded_it_is_refused"),
     # config values (flags and YAML)
     *[("config value", flag, f"one line naming {name}, exit 2, before anything starts", ERROR, "nothing", BAD_FLAG)
       for flag, name in [("--lr nan", "--lr"), ("--lr inf", "--lr"), ("--lrs 1e-3 nan", "--lrs"), ("--beta inf", "--beta"),
@@ -158,6 +160,9 @@ FAULTS = [
      RESUMED, "nothing", "tests/sweeps/test_cluster_sweep.py::test_the_lost_trial_resumed_from_its_checkpoint_with_complete_curves"),
     ("killed actor", "a rollout actor lost with its node", "restarts; the next weight sync updates it", RECOVERED, "nothing",
      "tests/rollout/test_rollout.py::test_an_actor_lost_with_its_node_restarts_and_the_next_sync_updates_it"),
+    ("killed actor", "an actor restarted with its start weights before probe decodes (--probe-decodes actors)",
+     "the evaluation fails naming both weight versions, no decodes of stale weights scored", ERROR, "nothing",
+     "tests/trainers/runs/test_probe_decode_versions.py::test_decodes_from_a_restarted_actor_are_refused"),
     ("killed actor", "a slow or dead actor", "an error after --rollout-timeout-s, not a hang", ERROR, "nothing",
      "tests/rollout/test_rollout.py::test_a_slow_or_dead_actor_is_an_error_not_a_hang"),
     ("MLflow server down", "tracking server unreachable at start", "fails before training, naming the URI", ERROR, "nothing",
@@ -181,6 +186,9 @@ FAULTS = [
      f"{GEMINI}::test_an_interrupt_loses_no_reply_and_the_rerun_sends_nothing_twice"),
     ("diverged trial", "lr 1e30: non-finite loss", "the trial fails once, named in one line; the sweep exits 1", ERROR,
      "nothing", "tests/sweeps/test_sweep_failures.py::test_a_diverged_trial_fails_loudly_once_and_the_sweep_exits_non_zero"),
+    ("disk use", "node-local cache of remote files past --storage-cache-gb", "least recently used copies removed; "
+     "a removed copy is fetched again when asked for", RECOVERED, "nothing (copies of remote files only)",
+     "tests/infra/test_storage_cache.py::test_the_node_cache_keeps_within_its_limit_dropping_the_least_recently_used"),
     ("concurrent processes", "several processes of a node ask for one remote folder", "downloaded once, every reader gets it whole",
      RECOVERED, "nothing", "tests/infra/test_storage.py::test_concurrent_local_copy_downloads_once_per_node"),
 ]
