@@ -66,11 +66,15 @@ def dpo_checks(rows: list[dict]) -> list[Check]:
     checks = [
         Check("dpo.rejected_falls_most", "log p(rejected) falls, more than any other category's",
               all(c == "rejected" and rejected[b] < 0 for b, c in rejected_lowest.items()),
-              {"delta_rejected_by_beta": rejected, "lowest_category_by_beta": rejected_lowest}),
+              {"delta_rejected_by_beta": rejected, "lowest_category_by_beta": rejected_lowest},
+              "; ".join(f"β={b}: {c} fell more ({_mean(by_beta[b], c):+.1f} vs rejected {rejected[b]:+.1f})"
+                        for b, c in rejected_lowest.items() if c != "rejected")),
         Check("dpo.chosen_falls_too", "log p(chosen) falls too (the squeezing effect)",
               all(v < 0 for v in chosen.values()), {"delta_chosen_by_beta": chosen}),
         Check("dpo.greedy_rises", "the likelihood of the policy's own greedy decode rises",
-              bool(greedy) and all(v > 0 for v in greedy.values()), {"delta_greedy_by_beta": greedy}),
+              bool(greedy) and all(v > 0 for v in greedy.values()), {"delta_greedy_by_beta": greedy},
+              "; ".join(f"β={b}: greedy fell ({v:+.1f}); the decode changes between evaluations, so its Δ compares "
+                        "different texts" for b, v in greedy.items() if v <= 0)),
     ]
     if len(betas) >= 3:
         margins = [chosen[b] - rejected[b] for b in betas]
@@ -89,6 +93,9 @@ def dpo_checks(rows: list[dict]) -> list[Check]:
                             bool(common) and statistics.mean(softer.values()) > statistics.mean(chosen[b] for b in common),
                             {"delta_chosen_after_sft_chosen": {b: chosen[b] for b in common},
                              "delta_chosen_after_sft_both": softer}))
+    for check in checks:
+        if not check.passed and not check.note:
+            check.note = "the measured numbers above do not show it at this size"
     return checks
 
 
@@ -110,6 +117,8 @@ def ppo_checks(runs: list[dict]) -> list[Check]:
                     all(g > 0 for g in gains),
                     {"gain_per_run": gains, "mean_gain": statistics.mean(gains), "sd_gain": spread,
                      "effect_size_mean_over_sd": effect})]
+    if not checks[0].passed:
+        checks[0].note = "some runs' reward did not rise over these steps"
     if len(coefs) >= 2:
         checks.append(Check("ppo.kl_grows_more_with_smaller_coef",
                             "the policy's KL to the reference ends higher with a smaller KL coefficient",
