@@ -211,7 +211,9 @@ def time_breakdown(trial: dict, worker: dict) -> dict:
         "worker_group_start_s": worker["loop_started_at"] - trial["fit_started_at"],
         "model_data_reference_load_s": worker["trainer_built_at"] - worker["loop_started_at"],
         "prepare_s": worker["prepared_at"] - worker["trainer_built_at"],
-        "first_evaluation_s": worker["first_eval_done_at"] - worker["prepared_at"],
+        # a worker group restarted from a checkpoint (a recovered fault) has no step-0 evaluation
+        "first_evaluation_s": (worker["first_eval_done_at"] - worker["prepared_at"]
+                               if worker.get("first_eval_done_at") is not None else None),
         "steps_s": worker["steps_s"],
         "later_evaluations_s": worker["evals_s"],
         "reports_s": worker["reports_s"],
