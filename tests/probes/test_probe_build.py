@@ -97,7 +97,7 @@ def one_torch_thread():
 def test_a_local_language_model_writes_paraphrases_and_variants_for_other_data(tmp_path, one_torch_thread):
     rows = [{"prompt": f"\n\nHuman: How do I look after plant number {i}?\n\nAssistant:",
              "chosen": f" Water plant {i} once a week and give it light.", "rejected": f" Plant {i} is boring."}
-            for i in range(4)]
+            for i in range(60)]  # a local file's probes come from its held-out share (--holdout-fraction, 10%)
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     result = build(local_config(tmp_path, dataset=str(data), generator="local", local_model="tiny-pythia-1m",
