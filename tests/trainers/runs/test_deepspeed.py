@@ -207,6 +207,8 @@ def test_final_weights_and_probe_curves_agree(runs):
         print(f"{name} vs ddp, weights: max |delta| = {largest:.2e}, relative L2 = {relative:.2e}")
         assert largest <= WEIGHT_MAX_TOLERANCE and relative <= WEIGHT_RELATIVE_TOLERANCE, name
         for step, summary in reference["evals"].items():
+            # grad_cos needs whole parameters, so ZeRO runs skip it; every other curve must match
+            summary = {key: value for key, value in summary.items() if not key.startswith("grad_cos/")}
             assert rank0[name]["evals"][step].keys() == summary.keys()
             for key, value in summary.items():
                 assert rank0[name]["evals"][step][key] == pytest.approx(value, abs=1e-3), (name, step, key)
@@ -316,9 +318,9 @@ def test_zero3_sweep_through_ray_logs_and_resumes(zero3_sweep, runs):
 def test_config_validation():
     assert TrainConfig().strategy == "ddp" and TrainConfig().zero_stage == 2
     assert TrainConfig(strategy="deepspeed", zero_stage=3).zero_stage == 3
-    with pytest.raises(ValueError, match="strategy must be 'ddp' or 'deepspeed'"):
+    with pytest.raises(ValueError, match="--strategy must be one of ddp, deepspeed; got 'fsdp'"):
         TrainConfig(strategy="fsdp")
-    with pytest.raises(ValueError, match="zero_stage must be 1, 2 or 3"):
+    with pytest.raises(ValueError, match="--zero-stage must be one of 1, 2, 3; got 4"):
         TrainConfig(strategy="deepspeed", zero_stage=4)
     with pytest.raises(ValueError, match="does not support loss 'ppo' yet"):
         TrainConfig(strategy="deepspeed", loss="ppo")
