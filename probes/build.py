@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from infra.cli import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Parser, Range, add_settings, check_ranges, setting
-from probes.gemini import (BudgetExhausted, GeminiError, GeminiOptions, GeminiReplies, GeminiUnreachable,
+from probes.gemini import (MIN_INPUT_CHARS, BudgetExhausted, GeminiError, GeminiOptions, GeminiReplies, GeminiUnreachable,
                            api_key_from_env, redact, safe_url)
 from probes.local_generator import LocalLMReplies, RuleBasedReplies, SentenceReplies
 from probes.probe_set import MANIFEST_FILE, ProbeSet, derangement, select_pairs
@@ -70,6 +70,7 @@ class BuildConfig:
     temperature: float = setting(0.9, "sampling temperature of the replies", range=NON_NEGATIVE, group="Gemini")
     max_output_tokens: int = setting(512, "reply length limit in tokens", range=AT_LEAST_1, group="Gemini")
     thinking_budget: int | None = setting(0, "thinking tokens per reply (0: off); -1: leave it to the model", range=Range(-1), group="Gemini")
+    max_input_chars: int = setting(4000, "longest conversation or response put into a request, in characters (Gemini's tokenizer is not local); a longer one is cut (a conversation keeps its end) and the cut is marked in the request", range=Range(MIN_INPUT_CHARS), group="Gemini")
     price_input_per_m: float = setting(0.30, "USD per 1M input tokens, for the cost estimate", range=NON_NEGATIVE, group="Gemini")
     price_output_per_m: float = setting(2.50, "USD per 1M output (and thinking) tokens", range=NON_NEGATIVE, group="Gemini")
     max_attempts: int = setting(3, "tries per probe", range=AT_LEAST_1, group="validation")
@@ -103,7 +104,7 @@ class BuildConfig:
             model=self.model_name, base_url=self.base_url, timeout_s=self.timeout_s, concurrency=self.concurrency,
             max_requests=self.max_requests, max_retries=self.max_retries, backoff_initial_s=self.backoff_initial_s,
             backoff_max_s=self.backoff_max_s, temperature=self.temperature, max_output_tokens=self.max_output_tokens,
-            thinking_budget=self.thinking_budget, price_input_per_m=self.price_input_per_m,
+            thinking_budget=self.thinking_budget, max_input_chars=self.max_input_chars, price_input_per_m=self.price_input_per_m,
             price_output_per_m=self.price_output_per_m)
 
     def resolved_cache_dir(self) -> Path:

@@ -8,6 +8,11 @@
   exponential backoff and jitter; other HTTP errors (a refused key, an unknown model) stop the build.
 * `max_requests` caps the requests sent (retries included). When it is used up the build stops with
   BudgetExhausted; what was answered stays in the cache.
+* Every conversation and response put into a request is cut to `max_input_chars` characters (a
+  characters budget: Gemini's tokenizer is not available locally, and counting tokens is a request
+  of its own), so one long data row cannot make a request, and its cost, unbounded. A cut is marked
+  in the text the model reads; a conversation keeps its end (the last turns are what a variant
+  answers), a response its start.
 * The API key only ever goes to the client. Every message this module raises passes through
   `redact`, and nothing it stores (cache, manifest) contains the key.
 """
@@ -20,7 +25,7 @@ import random
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 from urllib.parse import urlsplit
 
@@ -30,6 +35,8 @@ from probes.validation import BLOCKED, UNAVAILABLE
 from probes.writing import BuildProgress, OnReply, Reply
 
 KEY_VARIABLES = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
+CUT_MARKER = " [... {} characters left out to fit the length limit ...] "
+MIN_INPUT_CHARS = 100   # room for the marker and some text
 TRUNCATED = "truncated"
 RETRIABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _BLOCK_FINISH = frozenset({"SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "RECITATION", "IMAGE_SAFETY"})
@@ -84,6 +91,7 @@ class GeminiOptions:
     temperature: float = 0.9              # first attempt; each retry after a rejected reply adds 0.3
     max_output_tokens: int = 512
     thinking_budget: int | None = 0       # 0: no thinking tokens (2.5 Flash); None: the model's default
+    max_input_chars: int = 4000           # longest conversation or response put into a request (~1,000 tokens)
     price_input_per_m: float = 0.30       # USD per 1M input tokens (estimate; check current pricing)
     price_output_per_m: float = 2.50      # USD per 1M output tokens, thinking included
 
@@ -94,6 +102,22 @@ class GeminiOptions:
             raise ValueError(f"max_requests must be >= 0, got {self.max_requests}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+        if self.max_input_chars < MIN_INPUT_CHARS:
+            raise ValueError(f"max_input_chars must be at least {MIN_INPUT_CHARS}, got {self.max_input_chars}")
+
+
+def clip(text: str, budget: int, keep_end: bool = False) -> str:
+    """`text` in at most `budget` characters: its start (or its end) and a marker saying how much was left out."""
+    if len(text) <= budget:
+        return text
+    kept = max(0, budget - len(CUT_MARKER.format(len(text))))  # the longest the count in the marker can be
+    marker = CUT_MARKER.format(len(text) - kept)
+    return marker + text[len(text) - kept:] if keep_end else text[:kept] + marker
+
+
+def clipped_request(request: ProbeRequest, budget: int) -> ProbeRequest:
+    """The request as sent: its conversation keeps its end, its response text its start (see the module docstring)."""
+    return replace(request, source=clip(request.source.strip(), budget), prompt=clip(request.prompt.strip(), budget, keep_end=True))
 
 
 def sampling_seed(seed: int, attempt: int, request: ProbeRequest) -> int:
@@ -203,12 +227,14 @@ class GeminiReplies:
     def describe(self) -> dict:
         o = self.options
         return {"model": o.model, "temperature": o.temperature, "temperature_step_per_attempt": 0.3,
-                "max_output_tokens": o.max_output_tokens, "thinking_budget": o.thinking_budget}
+                "max_output_tokens": o.max_output_tokens, "thinking_budget": o.thinking_budget,
+                "max_input_chars": o.max_input_chars}
 
     # ---- requests and the cache ------------------------------------------------------------
     def cache_request(self, request: ProbeRequest, attempt: int) -> dict:
         """Everything that shapes the reply; its hash is the cache key. Holds no credential."""
-        entry = {"model": self.options.model, "kind": request.kind, "contents": self.templates.render(request),
+        sent = clipped_request(request, self.options.max_input_chars)
+        entry = {"model": self.options.model, "kind": request.kind, "contents": self.templates.render(sent),
                  "temperature": attempt_temperature(self.options.temperature, attempt),
                  "seed": sampling_seed(self.seed, attempt, request),
                  "max_output_tokens": self.options.max_output_tokens}

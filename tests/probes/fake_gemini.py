@@ -2,7 +2,7 @@
 
 The server binds 127.0.0.1 on a free port; point the client at it with
 `types.HttpOptions(base_url=server.base_url)`. It records every request (path, prompt text,
-generation config, the API key header, arrival time) and answers with a fresh valid sentence unless
+generation config, the API key header, arrival time, body size) and answers with a fresh valid sentence unless
 a script says otherwise: `server.script("some prompt text", Status(429, retry_after="1"), Refusal())`
 makes the next two requests whose prompt contains "some prompt text" get those answers, in order.
 """
@@ -70,6 +70,7 @@ class Seen:
     generation_config: dict
     api_key: str | None
     at: float
+    body_bytes: int = 0   # the request body as it arrived (Content-Length)
 
 
 def default_reply(contents: str, generation_config: dict, number: int) -> str:
@@ -182,7 +183,7 @@ def _handler_for(fake: FakeGemini):
                 self._send(400, b'{"error": {"code": 400, "message": "bad request", "status": "INVALID_ARGUMENT"}}')
                 return
             number = fake._record(Seen(self.path, contents, config, self.headers.get("x-goog-api-key"),
-                                       time.monotonic()))
+                                       time.monotonic(), length))
             try:
                 self._answer(fake._next_answer(contents), contents, config, number)
             finally:

@@ -292,3 +292,42 @@ def test_stopping_wakes_a_backoff_sleep(tmp_path, fake, picked):
         run(tmp_path, fake, concurrency=2, max_requests=4)
     assert time.monotonic() - started < 5
     assert threading.active_count() < 20
+
+
+def test_long_conversations_and_responses_are_cut_to_the_budget_and_the_cut_is_marked(tmp_path, fake):
+    budget = 1000
+    rows = []
+    for i in range(8):  # long rows: many turns, long answers (50k+ characters each)
+        turns = "".join(f"\n\nHuman: Earlier question {i}.{t}? {'Background detail. ' * 60}\n\nAssistant: "
+                        f"{'An earlier answer. ' * 60}" for t in range(20))
+        prompt = f"{turns}\n\nHuman: Last question {i}: how long do I boil an egg?\n\nAssistant:"
+        rows.append({"chosen": f"{prompt} Chosen start {i}. {'Boil it for nine minutes. ' * 800}",
+                     "rejected": f"{prompt} Rejected start {i}. {'I would rather not say. ' * 800}"})
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = run(tmp_path, fake, dataset=str(data), split="train", max_input_chars=budget)
+    assert fake.count() == 4 * N and len(result.probe_set.prompts) == N
+    longest_template = max(len(t) for t in (PromptTemplates().paraphrase, PromptTemplates().variant))
+    for seen in fake.seen:  # the bytes on the wire stay bounded (they were > 20,000 per request uncut)
+        assert len(seen.contents) <= longest_template + budget, len(seen.contents)
+        assert seen.body_bytes <= longest_template + budget + 1000, seen.body_bytes
+    cut = [s.contents for s in fake.seen if "characters left out to fit the length limit" in s.contents]
+    assert len(cut) == 3 * N  # paraphrase_chosen, paraphrase_rejected and variant; non-responses quote nothing
+    # a conversation keeps its end (the question a variant answers), a response its start
+    question = [c for c in cut if "how long do I boil an egg?" in c]
+    assert len(question) == N and all("Earlier question" not in c.split("[...")[1] for c in question)
+    assert sum("Chosen start" in c for c in cut) == N and sum("Rejected start" in c for c in cut) == N
+    assert result.manifest["build"]["writers"]["gemini:gemini-2.5-flash"]["max_input_chars"] == budget
+
+
+def test_clip_keeps_the_budget_and_says_how_much_was_left_out():
+    from probes.gemini import clip
+
+    text = "abcdefghij" * 100
+    assert clip(text, 1000) == text
+    start, end = clip(text, 200), clip(text, 200, keep_end=True)
+    assert len(start) <= 200 and len(end) <= 200
+    kept = len(start) - len(start.split(" [...")[0])
+    assert start.startswith("abcdefghij") and end.endswith("abcdefghij")
+    left_out = int(start.split("[... ")[1].split(" characters")[0])
+    assert left_out == len(text) - len(start.split(" [...")[0]) and kept > 0
