@@ -194,3 +194,37 @@ def with_values(instance, values: Mapping[tuple[str, ...], Any]):
     for name, inner in nested.items():
         top[name] = with_values(getattr(instance, name), inner)
     return replace(instance, **top) if top else instance
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+
+
+def is_loopback_uri(uri: str | None) -> bool:
+    """True for a URI whose host is this machine's loopback (127.0.0.0/8, ::1, localhost): reachable only
+    from the machine that resolves it, so from no other node of a cluster."""
+    import ipaddress
+    import urllib.parse
+
+    if not uri or "://" not in uri:
+        return False
+    try:
+        host = urllib.parse.urlsplit(uri).hostname
+    except ValueError:
+        return False
+    if not host:
+        return False
+    if host.lower() in LOOPBACK_NAMES or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def remote_trials_tracking_problem(tracking_uri: str | None, trials_on_head: bool) -> str | None:
+    """One line when trial processes may run on other nodes but log to a loopback MLflow server."""
+    if trials_on_head or not is_loopback_uri(tracking_uri):
+        return None
+    return (f"--trials-on-head false with --tracking-uri {tracking_uri}: trial processes on other nodes cannot reach "
+            "a loopback address (it is each node's own); keep --trials-on-head true (the default), or give an "
+            "address every node reaches")

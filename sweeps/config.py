@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
-from infra.cli import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Parser, add_settings, check_ranges, setting as _f, with_values
+from infra.cli import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, Parser, add_settings, check_ranges, remote_trials_tracking_problem,
+                       setting as _f, with_values)
 from infra.uri_credentials import refuse_credentials
 from trainers.config import OBJECTIVES, SFT_RECIPES, TrainConfig
 
@@ -70,6 +71,9 @@ class SweepConfig:
             raise ValueError("--resume and --overwrite contradict each other: continue the sweep, or start it afresh")
         for loss in self.losses or []:  # each swept loss must accept the shared settings (e.g. --label-smoothing)
             replace(self.train, loss=loss)
+        loopback = remote_trials_tracking_problem(self.tracking_uri, self.trials_on_head)
+        if loopback:
+            raise ValueError(loopback)
 
     def sweep_lrs(self) -> list[float]:
         return list(self.lrs) if self.lrs else [self.train.lr]

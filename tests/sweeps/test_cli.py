@@ -167,3 +167,18 @@ def test_importing_the_plots_leaves_matplotlib_alone_and_figures_still_render(tm
     done = subprocess.run([sys.executable, "-c", script, str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "no pyplot" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:5000", "http://localhost:5000", "https://LOCALHOST", "http://[::1]:5000",
+                                 "http://127.0.0.2:5000"])
+def test_trials_off_the_head_with_a_loopback_tracking_server_are_refused(uri, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_config(["--trials-on-head", "false", "--tracking-uri", uri], "test")
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--trials-on-head false with --tracking-uri {uri}: trial processes on other nodes " \
+                             "cannot reach a loopback address" in err[0], err
+    # on the head (the default) the head's own loopback server is right; any other address is left to the user
+    assert parse_config(["--tracking-uri", uri], "test").tracking_uri == uri
+    assert not parse_config(["--trials-on-head", "false", "--tracking-uri", "http://10.0.0.5:5000"], "test").trials_on_head
+    assert not parse_config(["--trials-on-head", "false", "--tracking-uri", "http://mlflow.internal:5000"], "test").trials_on_head
