@@ -172,9 +172,30 @@ def context_length_problem(train: TrainConfig, models: list[str]) -> str | None:
     return None
 
 
+def data_file_problem(dataset: str) -> str | None:
+    """One line when --dataset names a local data file (.jsonl/.json/.parquet) that is missing or cannot
+    be opened; None for a readable file, the built-in set, a hub name or a folder of splits."""
+    if not dataset.lower().endswith(LOCAL_SUFFIXES):
+        return None
+    path = Path(dataset).expanduser()
+    if not path.exists():  # the loader reads data files from this machine's disk only (no URIs)
+        where = "a data file must be on this machine's disk" if "://" in dataset else f"relative to {Path.cwd()}"
+        return f"--dataset {dataset}: no such file ({where}); check the path"
+    try:  # open for real: permission bits, a folder named like a file, a broken mount all show here
+        with path.open("rb") as handle:
+            handle.read(1)
+    except OSError as error:
+        return f"--dataset {dataset}: cannot be read ({error.strerror or type(error).__name__}); check the path and its permissions"
+    return None
+
+
 def check_before_start(config: SweepConfig, storage: str, searched: dict[str, list]) -> None:
-    """Refusals that need the storage or the machine, before anything is prepared or started: an
-    existing sweep name without --resume/--overwrite, resources a local Ray can never provide."""
+    """Refusals that need the storage or the machine, before anything is prepared or started: a data
+    file that is missing or unreadable, an existing sweep name without --resume/--overwrite, resources
+    a local Ray can never provide."""
+    missing_data = data_file_problem(config.train.dataset)
+    if missing_data:
+        raise SystemExit(f"error: {missing_data}")
     state_path = store.join(storage, config.name, STATE_FILE)
     if not config.resume and not config.overwrite and store.exists(state_path):
         raise SystemExit(f"error: --name {config.name!r}: a sweep of that name already exists under {storage} "

@@ -3,9 +3,12 @@ row (file, 1-based line, field), limits past the model's context (the flags and 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from sweeps.driver import context_length, context_length_problem
 from trainers.config import TrainConfig
@@ -56,3 +59,34 @@ def test_limits_past_the_context_length_stop_the_sweep_before_training(tmp_path)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(
         "error: --max-prompt-tokens (1000) + --max-response-tokens (64) = 1064 tokens exceed the context length")
+
+
+def test_a_missing_or_unreadable_data_file_is_refused_before_start_naming_the_flag(tmp_path):
+    from sweeps.config import SweepConfig
+    from sweeps.driver import check_before_start, data_file_problem
+
+    storage = str(tmp_path / "runs")
+    missing = tmp_path / "nowhere" / "hh.jsonl"
+    with pytest.raises(SystemExit) as stopped:
+        check_before_start(SweepConfig(train=TrainConfig(dataset=str(missing))), storage, {})
+    assert str(stopped.value) == f"error: --dataset {missing}: no such file (relative to {Path.cwd()}); check the path"
+    folder = tmp_path / "looks_like_a_file.jsonl"  # exists, but open() fails (also as root, unlike chmod 000)
+    folder.mkdir()
+    assert data_file_problem(str(folder)) == (f"--dataset {folder}: cannot be read (Is a directory); "
+                                              "check the path and its permissions")
+    good = tmp_path / "good.jsonl"
+    good.write_text("{}\n")
+    assert data_file_problem(str(good)) is None
+    assert data_file_problem("builtin") is None and data_file_problem("Anthropic/hh-rlhf:helpful-base") is None
+    if os.geteuid() != 0:  # permission bits bind everyone but root
+        good.chmod(0)
+        assert "cannot be read (Permission denied)" in data_file_problem(str(good))
+
+
+def test_a_missing_data_file_stops_the_sweep_in_one_line_before_anything_starts(tmp_path):
+    done = run_sweep_cli(tmp_path, "--dataset", "path/that/does/not/exist.jsonl")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: --dataset path/that/does/not/exist.jsonl: no such file (relative to {os.path.realpath(tmp_path)}); check the path"]
+    assert "preparing tokenizer" not in done.stdout and not (tmp_path / "mlflow.db").exists()
