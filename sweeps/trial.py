@@ -30,6 +30,7 @@ from trainers.runs.worker_report import process_started_at, public_metrics, repo
 
 FAILURE_TAG = "failure"    # why a trial's run failed, in one line (the driver prints it)
 DIVERGED_TAG = "diverged"  # the non-finite metrics a diverged run stopped at
+REFUSED_TAG = "refused"    # why a run could not go on as recorded (a replaced probe set, no readable checkpoint)
 # where a trial's time went (JSON of timestamps and seconds, for benchmarks/dpo_sweep.py's breakdown)
 WORKER_TIMINGS_TAG, TRIAL_TIMINGS_TAG = "timing.worker", "timing.trial"
 
@@ -84,6 +85,8 @@ class MlflowReportCallback(UserCallback):
             tags["checkpoint_dir"] = report.final_model_dir
         if report.non_finite:
             tags[DIVERGED_TAG] = f"non-finite {report.non_finite}"
+        if report.refused:
+            tags[REFUSED_TAG] = report.refused[:5000]  # MLflow's tag value limit
         self._mlflow_s += time.time() - started
         if tags and report.timings is not None:  # rides on a write that happens anyway (step 0 and the last)
             tags[WORKER_TIMINGS_TAG] = json.dumps({**asdict(report.timings), "mlflow_writes_s": self._mlflow_s})
@@ -140,6 +143,15 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[-1] if text else ''}"[:500]
 
 
+def stop_reason(tags: dict) -> str | None:
+    """Why the workers stopped a run without raising (the trial fails it once): diverged or refused."""
+    if tags.get(DIVERGED_TAG):
+        return f"diverged: {tags[DIVERGED_TAG]}"
+    if tags.get(REFUSED_TAG):
+        return f"refused: {tags[REFUSED_TAG]}"
+    return None
+
+
 def run_trial(trial_config: dict) -> None:
     """Tune function trainable: one MLflow child run, one TorchTrainer fit."""
     timings = {"process_started_at": process_started_at(), "started_at": time.time()}
@@ -154,6 +166,10 @@ def run_trial(trial_config: dict) -> None:
                 if r.data.tags.get("tune_trial_id") == trial_id]
     if existing:  # a retried or resumed trial continues its own run
         run_id = existing[0].info.run_id
+        if FAILURE_TAG in existing[0].data.tags:  # the crash a retry recovers from is no longer the run's outcome
+            tracker.client.delete_tag(run_id, FAILURE_TAG)
+        if existing[0].info.status != "RUNNING":
+            tracker.client.update_run(run_id, status="RUNNING")
     else:
         run_id = tracker.start_run(
             ctx.experiment_id, run_name, params={**config.to_dict(), "probe_set_hash": ctx.probe_set_hash},
@@ -194,9 +210,9 @@ def run_trial(trial_config: dict) -> None:
         if pool is not None:
             pool.shutdown()
     timings["fit_ended_at"] = time.time()
-    diverged = tracker.client.get_run(run_id).data.tags.get(DIVERGED_TAG)
-    if diverged:  # a diverged run is a result, not a crash: failed in MLflow, not retried by Tune
-        tracker.set_tags(run_id, {FAILURE_TAG: f"diverged: {diverged}"})
+    stopped = stop_reason(tracker.client.get_run(run_id).data.tags)
+    if stopped:  # a result, not a crash: failed in MLflow once, not retried by Tune
+        tracker.set_tags(run_id, {FAILURE_TAG: stopped[:5000]})
         tracker.end_run(run_id, failed=True)
         return
     curves = category_curves(tracker, run_id, ctx.categories)

@@ -1,11 +1,16 @@
 """The per-worker loop that Ray Train runs: a thin shell around `PolicyTrainer`.
 
-It adds what only Ray knows: rank, DDP wrapping (`prepare_model`), resuming from the last
-reported checkpoint, and `ray.train.report` calls (every worker reports; only rank 0
+It adds what only Ray knows: rank, DDP wrapping (`prepare_model`), resuming from the newest readable
+checkpoint the trial kept, and `ray.train.report` calls (every worker reports; only rank 0
 carries metrics, per-example probe records and the DDP checkpoint; under DeepSpeed every rank
 reports its own shard, and Ray Train puts them all in one checkpoint folder). A report costs a
 round trip to the Train controller, so per-step metrics are buffered and shipped together every
 `report_every` steps (and at every evaluation and checkpoint); MLflow still gets one point per step.
+
+A run that cannot go on as its trial recorded it (a probe set replaced since the sweep started, no
+readable checkpoint to resume from) is refused, not raised: every retry would meet the same files, so
+the ranks agree on the reason, rank 0 reports it (`WorkerReport.refused`) and the workers return. The
+trial then fails its run once, as it does a diverged one, and neither Train nor Tune retries it.
 """
 from __future__ import annotations
 
@@ -13,7 +18,9 @@ import time
 
 _IMPORTS_STARTED_AT = time.time()  # noqa: E402  (the imports below are timed for the trial breakdown)
 
+import functools
 import os
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -25,8 +32,9 @@ import torch
 from infra import storage
 from infra.cpu_threads import use_cpu_share
 from trainers.config import TrainConfig
-from trainers.runs.evaluation import check_probe_set
-from trainers.runs.policy_trainer import STATE_FILE, PolicyTrainer  # noqa: F401  (STATE_FILE: the DDP checkpoint's file)
+from trainers.runs.checkpoint_fallback import restore_newest_readable
+from trainers.runs.evaluation import ProbeSetMismatch, check_probe_set
+from trainers.runs.policy_trainer import STATE_FILE, CheckpointError, PolicyTrainer  # noqa: F401  (STATE_FILE: the DDP checkpoint's file)
 from trainers.runs.worker_report import WorkerReport, WorkerTimings, non_finite_metrics, process_started_at
 
 _IMPORTS_DONE_AT = time.time()
@@ -58,6 +66,63 @@ def worker_nodes() -> list[str]:
     return gathered
 
 
+@functools.cache
+def _cpu_group():
+    """A gloo group over every rank, for small Python objects: NCCL's would need each rank's device set."""
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo")
+
+
+def gather_from_ranks(value) -> list:
+    """`value` of every rank, in rank order (a collective: every rank calls it); one process: [value]."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    group = None if dist.get_backend() == "gloo" else _cpu_group()
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value, group=group)
+    return gathered
+
+
+def agreed_refusal(reason: str | None, restored_from: str | None = None) -> str | None:
+    """The first rank's reason to refuse the run, if any rank has one; also when the ranks restored
+    different checkpoints (they would train from different steps). Every rank gets the same answer."""
+    answers = gather_from_ranks((reason, restored_from))
+    refused = next((r for r, _ in answers if r), None)
+    if refused is None and len({used for _, used in answers}) > 1:
+        refused = "the ranks resumed from different checkpoints: " + ", ".join(
+            f"rank {rank} from {used}" for rank, (_, used) in enumerate(answers))
+    return refused
+
+
+def refuse(rank: int, reason: str, timings: WorkerTimings) -> None:
+    """End this worker's run without an exception (see the module docstring): rank 0 reports why."""
+    print(f"refusing the run: {reason}", file=sys.stderr, flush=True)
+    if rank == 0:
+        timings.sent_at = time.time()
+        ray.train.report(WorkerReport(step=0, refused=reason, timings=replace(timings)).metrics_payload())
+    else:
+        ray.train.report({"step": 0})
+
+
+def resume(trainer, checkpoint, fall_back: bool) -> tuple[str | None, str | None]:
+    """(the checkpoint used, None) or (None, why none could be): the newest readable of the trial's
+    kept checkpoints (DDP), or only Train's latest where each rank reads a shard of its own (DeepSpeed:
+    ranks falling back one by one could land on different steps)."""
+    if checkpoint is None:
+        return None, None
+    try:
+        if fall_back:
+            return restore_newest_readable(trainer, checkpoint), None
+        with checkpoint.as_directory() as directory:
+            trainer.load_checkpoint(directory)
+        return checkpoint.path, None
+    except CheckpointError as error:
+        return None, str(error)
+
+
 def configure_worker(config: TrainConfig) -> None:
     """Threads follow the worker's CPU share (floor, at least one); a DeepSpeed GPU worker takes its device."""
     if not config.use_gpu:
@@ -77,7 +142,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     configure_worker(config)
-    check_probe_set(config.probe_set_dir, loop_config.get("probe_set_hash"))  # the set the run recorded, or stop here
+    try:  # the set the run recorded, or stop here
+        check_probe_set(config.probe_set_dir, loop_config.get("probe_set_hash"))
+        mismatch = None
+    except ProbeSetMismatch as error:
+        mismatch = str(error)
+    refused = agreed_refusal(mismatch)
+    if refused:
+        refuse(rank, refused, timings)
+        return
     if config.loss == "ppo":  # rollouts from the trial's actor pool, handed over in the loop config
         from trainers.runs.ppo_trainer import PPOTrainer
 
@@ -87,10 +160,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         trainer = PolicyTrainer(config, rank, context.get_world_size(), wrap_model=ray.train.torch.prepare_model,
                                 pool=loop_config.get("rollout_pool"))
     timings.trainer_built_at = time.time()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            trainer.load_checkpoint(directory)  # DDP: rank 0's full state; DeepSpeed: each rank its shard
+    checkpoint = ray.train.get_checkpoint()  # DDP: rank 0's full state; DeepSpeed: each rank its shard
+    restored_from, unreadable = resume(trainer, checkpoint, fall_back=not trainer.checkpoint_on_every_rank)
+    refused = agreed_refusal(unreadable, restored_from)
+    if refused:
+        refuse(rank, refused, timings)
+        return
     resumed_from = trainer.step if checkpoint is not None else None
     trainer.prepare()
     nodes = worker_nodes()  # every rank takes part; rank 0's first report carries them

@@ -45,6 +45,7 @@ class WorkerReport:
     skipped_rows: int | None = None
     final_model_dir: str | None = None                      # where the final model was saved
     non_finite: str | None = None                           # "train/loss=nan at step 7": the run diverged and stopped
+    refused: str | None = None                              # why the run cannot go on as recorded (a replaced probe set, no readable checkpoint): fails once, not retried
     timings: WorkerTimings | None = None                    # rank 0's time spent so far (for benchmarks)
 
     def metrics_payload(self) -> dict[str, Any]:
