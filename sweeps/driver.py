@@ -24,6 +24,7 @@ from probes.builtin_generators import RuleBasedGenerator
 from probes.probe_set import ProbeSet, cached_probe_set_dir
 from sweeps.config import EntryPoint, SweepConfig, parse_config
 from sweeps.context import CATEGORIES, TrialContext
+from sweeps.retries import crash_retries
 from sweeps.search import search_space, searched_values, warmup_key
 from sweeps.stages import run_stage, shared_reference_logps, shared_sft_warmups, unsatisfiable_resources
 from infra import storage as store
@@ -257,6 +258,18 @@ def close_unfinished_runs(tracker: "Tracker", config: SweepConfig, experiment_id
             tracker.client.set_terminated(run.info.run_id, status="KILLED")
 
 
+def trial_context(config: SweepConfig, tracking_uri: str, experiment_id: str, parent_run_id: str, storage: str,
+                  probe_set_hash: str, **extra) -> TrialContext:
+    """What every trial of the sweep gets; its max_failures is Ray Train's share of --max-failures
+    (all of it with trials on the head, else 0: sweeps/retries.py)."""
+    return TrialContext(tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
+                        storage_path=storage, sweep_name=config.name,
+                        max_failures=crash_retries(config.max_failures, config.trials_on_head).train,
+                        probe_set_hash=probe_set_hash, categories=tuple(CATEGORIES),
+                        worker_shares=config.worker_share_by_model(), worker_resources=config.worker_resource_requests(),
+                        checkpoints_to_keep=config.checkpoints_to_keep, **extra)
+
+
 def run_sweep(config: SweepConfig, param_space: dict) -> SweepOutcome:
     """Run the warm-ups and the searched trials; return where everything landed."""
     from infra.tracking import Tracker, configure_quiet_logging, default_tracking_uri
@@ -300,12 +313,7 @@ def run_sweep(config: SweepConfig, param_space: dict) -> SweepOutcome:
     print(f"MLflow parent run {parent_run_id} (experiment {config.experiment_name!r}); "
           f"probe set {probe_set.content_hash()}: {len(probe_set.prompts)} prompts x {len(CATEGORIES)} categories")
 
-    context = TrialContext(tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
-                           storage_path=storage, sweep_name=config.name, max_failures=config.max_failures,
-                           probe_set_hash=probe_set.content_hash(), categories=tuple(CATEGORIES),
-                           worker_shares=config.worker_share_by_model(),
-                           worker_resources=config.worker_resource_requests(),
-                           checkpoints_to_keep=config.checkpoints_to_keep)
+    context = trial_context(config, tracking_uri, experiment_id, parent_run_id, storage, probe_set.content_hash())
     if config.storage_cache_gb is not None:  # every node's copy of remote files (start_ray passes it on)
         os.environ[store.CACHE_LIMIT_ENV] = f"{config.storage_cache_gb:g}"
     failed = True

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sweeps.config import SweepConfig
 from sweeps.context import TrialContext
+from sweeps.retries import crash_retries
 from sweeps.search import tune_settings, warmup_key
 from infra import storage as store
 from trainers.config import TrainConfig, is_preference
@@ -46,11 +47,19 @@ def run_stage(stage: str, param_space: dict, config: SweepConfig, context: Trial
             trainable,
             param_space={**param_space, "context": replace(context, stage=stage)},
             tune_config=tune.TuneConfig(**tune_settings(config)),
-            # a trial process that dies (its node lost) is rerun: it finds its MLflow run and Train checkpoint
+            # a rerun trial process (--trials-on-head false) finds its MLflow run and Train checkpoint
             run_config=tune.RunConfig(name=name, storage_path=context.storage_path, verbose=0, callbacks=[progress],
-                                      failure_config=tune.FailureConfig(max_failures=config.max_failures)),
+                                      failure_config=tune_failure_config(config)),
         )
     return tuner.fit()
+
+
+def tune_failure_config(config: SweepConfig):
+    """Tune's reruns of a crashed trial: --max-failures when trials may run off the head, else 0 (Ray
+    Train retries then; sweeps/retries.py says why only one level does)."""
+    from ray import tune
+
+    return tune.FailureConfig(max_failures=crash_retries(config.max_failures, config.trials_on_head).tune)
 
 
 def trial_resources(config: SweepConfig) -> dict[str, float]:

@@ -101,6 +101,12 @@ def checkpoint_config(ctx: TrialContext) -> CheckpointConfig:
     return CheckpointConfig(num_to_keep=getattr(ctx, "checkpoints_to_keep", 2))  # a context pickled before the field: 2
 
 
+def train_failure_config(ctx: TrialContext) -> FailureConfig:
+    """Ray Train's restarts of a crashed worker group: the context's max_failures, which the driver sets
+    to --max-failures when trials run on the head and to 0 otherwise (Tune retries then; sweeps/retries.py)."""
+    return FailureConfig(max_failures=ctx.max_failures)
+
+
 def trial_run_name(train: TrainConfig, searched: dict) -> str:
     parts = [f"{k}={searched[k]}" for k in SEARCHABLE if k in searched]
     return " ".join(parts) or train.loss
@@ -196,7 +202,7 @@ def run_trial(trial_config: dict) -> None:
             name=trial_dir_name,
             storage_path=store.join(ctx.storage_path, ctx.sweep_name, "train"),
             callbacks=[TuneForwardCallback(), MlflowReportCallback(ctx.tracking_uri, run_id)],
-            failure_config=FailureConfig(max_failures=ctx.max_failures),
+            failure_config=train_failure_config(ctx),
             checkpoint_config=checkpoint_config(ctx),
         ),
     )
