@@ -7,6 +7,8 @@ by, say, `params."manifest.versions.transformers"` in the MLflow UI.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -48,16 +50,18 @@ def project_commit(directory: str | Path | None = None) -> str:
     return f"{commit}+dirty" if commit and dirty else (commit or UNKNOWN)
 
 
-def build_manifest(*, data_hash: str | None = None, probe_set_hash: str | None = None,
+def build_manifest(*, data_hash: str | None = None, data_source: str | None = None, probe_set_hash: str | None = None,
                    sampling: Mapping[str, Any] | None = None, dtypes: Mapping[str, str] | None = None,
                    devices: Mapping[str, str] | None = None, commit: str | None = None,
                    versions: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The manifest as a JSON-ready dict. `dtypes`/`devices`: role -> value, roles such as
-    'training', 'scoring', 'rollout'; `sampling`: the decode settings of greedy/sample/rollouts."""
+    'training', 'scoring', 'rollout'; `sampling`: the decode settings of greedy/sample/rollouts;
+    `data_source`: what `data_hash` covers (a file's bytes, or the rows as loaded)."""
     return {
         "commit": commit if commit is not None else project_commit(),
         "versions": dict(versions if versions is not None else package_versions()),
         "data_hash": data_hash or UNKNOWN,
+        "data_source": data_source or UNKNOWN,
         "probe_set_hash": probe_set_hash or UNKNOWN,
         "sampling": dict(sampling or {}),
         "dtypes": dict(dtypes or {}),
@@ -65,10 +69,27 @@ def build_manifest(*, data_hash: str | None = None, probe_set_hash: str | None =
     }
 
 
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """SHA-256 (hex) of a file's bytes, read in chunks: a local data file exactly as the run read it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_bytes), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def rows_sha256(rows) -> str:
+    """SHA-256 (hex) of rows (mappings of JSON values) in order, each as one canonical JSON line (sorted
+    keys): generated or downloaded rows have no file of their own, so their content is what is hashed."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
 def content_hash(texts) -> str:
     """sha256 (first 16 hex digits) over texts in order: a data set's fingerprint for the manifest."""
-    import hashlib
-
     digest = hashlib.sha256()
     for text in texts:
         encoded = str(text).encode("utf-8")

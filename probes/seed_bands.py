@@ -9,11 +9,12 @@ import math
 from typing import Mapping, Sequence
 
 import numpy as np
-from scipy import stats
 
 
 def mean_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float, int]:
     """(mean, low, high, n) over the finite values; low = high = NaN with fewer than 2."""
+    from scipy import stats  # here, not at import: probes.plots (imported by every trial process) uses this module
+
     finite = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
     n = int(finite.size)
     if n == 0:

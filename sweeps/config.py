@@ -17,11 +17,15 @@ from typing import Mapping
 from infra.cli import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, Parser, add_settings, check_ranges, remote_trials_tracking_problem,
                        setting as _f, with_values)
 from infra.uri_credentials import refuse_credentials
+from probes.probe_set import DYNAMIC_CATEGORIES, STATIC_CATEGORIES
 from trainers.config import OBJECTIVES, SFT_RECIPES, TrainConfig
 
 # trial field -> the sweep option that lists its values
 SWEPT_BY = {"beta": "betas", "ppo_kl_coef": "kl_coefs", "lr": "lrs", "loss": "losses", "seed": "seeds",
             "model": "models", "sft_recipe": "sft_recipes"}
+
+# the per-category curves a fall-from-peak stop may watch (summed and per-token mean log-probs)
+STOP_METRICS = tuple(f"{kind}/{c}" for kind in ("logp", "logp_tok") for c in STATIC_CATEGORIES + DYNAMIC_CATEGORIES)
 
 
 @dataclass
@@ -38,6 +42,8 @@ class SweepConfig:
     scheduler: str = _f("fifo", "fifo (run every trial to the end) or asha (stop weak trials early on --metric)", choices=("fifo", "asha"))
     metric: str = _f("train/loss", "metric ASHA and Optuna optimise")
     mode: str = _f("min", "min or max of --metric", choices=("min", "max"))
+    stop_fall_from_peak: float | None = _f(None, "stop a trial once --stop-metric lies this many nats below its own peak so far (under DPO chosen's log-prob often peaks early, then falls); default: no such stop", range=POSITIVE)
+    stop_metric: str = _f("logp/chosen", "the category curve --stop-fall-from-peak watches", choices=STOP_METRICS)
     resume: bool = _f(False, "continue an interrupted sweep of the same --name and --storage-path")
     overwrite: bool = _f(False, "start a sweep whose --name already exists under --storage-path afresh (its earlier state can no longer be resumed)")
     sft_recipes: list[str] | None = _f(None, "SFT recipes to sweep (chosen, both): one shared warm-up per recipe and model; default: just --sft-recipe", choices=SFT_RECIPES)

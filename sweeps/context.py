@@ -26,3 +26,5 @@ class TrialContext:
     init_checkpoints: dict[str, str] = field(default_factory=dict)     # warmup_key(model, recipe) -> warm-up folder
     final_model_dirs: dict[str, str] = field(default_factory=dict)     # warmup_key -> where a warm-up trial saves
     checkpoints_to_keep: int = 2                        # Ray Train checkpoints kept per trial (CheckpointConfig)
+    data_hash: str | None = None                        # SHA-256 of the training data (sweeps.run_manifest)
+    data_source: str | None = None                      # what data_hash covers: a file's bytes or the loaded rows

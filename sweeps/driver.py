@@ -24,6 +24,7 @@ from probes.builtin_generators import RuleBasedGenerator
 from probes.probe_set import ProbeSet, cached_probe_set_dir
 from sweeps.config import EntryPoint, SweepConfig, parse_config
 from sweeps.context import CATEGORIES, TrialContext
+from sweeps.run_manifest import training_data_sha256
 from sweeps.retries import crash_retries
 from sweeps.search import search_space, searched_values, warmup_key
 from sweeps.stages import run_stage, shared_reference_logps, shared_sft_warmups, unsatisfiable_resources
@@ -254,7 +255,9 @@ def close_unfinished_runs(tracker: "Tracker", config: SweepConfig, experiment_id
     """A trial a scheduler stopped never ends its own MLflow run: mark it KILLED and say why."""
     for run in tracker.child_runs(experiment_id, parent_run_id):
         if run.info.status == "RUNNING" and run.data.tags.get("stage") == "sweep":
-            tracker.set_tags(run.info.run_id, {"ended_by": "scheduler" if config.scheduler != "fifo" else "unknown"})
+            stoppers = [name for name, on in (("scheduler", config.scheduler != "fifo"),
+                                              ("fall-from-peak stopper", config.stop_fall_from_peak is not None)) if on]
+            tracker.set_tags(run.info.run_id, {"ended_by": " or ".join(stoppers) or "unknown"})
             tracker.client.set_terminated(run.info.run_id, status="KILLED")
 
 
@@ -304,6 +307,7 @@ def run_sweep(config: SweepConfig, param_space: dict) -> SweepOutcome:
     except MissingPackageError as error:
         raise SystemExit(f"error: {error}") from None
     num_pairs, training_prompts = check_training_data(config.train)
+    data_hash, data_source = training_data_sha256(config.train)  # the manifest's content hash of the training data
     split = split_description(config.train)
     probe_set, probe_dir = prepare_probe_set(config.train, storage, training_prompts)
     probe_overlap = training_overlap(probe_set, config.train.num_probe_prompts, training_prompts)
@@ -313,7 +317,10 @@ def run_sweep(config: SweepConfig, param_space: dict) -> SweepOutcome:
     print(f"MLflow parent run {parent_run_id} (experiment {config.experiment_name!r}); "
           f"probe set {probe_set.content_hash()}: {len(probe_set.prompts)} prompts x {len(CATEGORIES)} categories")
 
-    context = trial_context(config, tracking_uri, experiment_id, parent_run_id, storage, probe_set.content_hash())
+    context = trial_context(config, tracking_uri, experiment_id, parent_run_id, storage, probe_set.content_hash(),
+                            data_hash=data_hash, data_source=data_source)
+    if not config.resume:  # a resumed sweep keeps its first session's params (MLflow refuses to change one)
+        tracker.log_params(parent_run_id, {"data_hash": data_hash, "data_source": data_source})
     if config.storage_cache_gb is not None:  # every node's copy of remote files (start_ray passes it on)
         os.environ[store.CACHE_LIMIT_ENV] = f"{config.storage_cache_gb:g}"
     failed = True

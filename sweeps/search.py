@@ -70,6 +70,16 @@ def scheduler(config: SweepConfig):
                          grace_period=max(1, min(config.train.eval_every, config.train.max_steps)), reduction_factor=2)
 
 
+def trial_stopper(config: SweepConfig):
+    """The searched trials' Tune stopper: a trial ends once --stop-metric lies --stop-fall-from-peak nats
+    below its own peak (None without the flag)."""
+    if config.stop_fall_from_peak is None:
+        return None
+    from sweeps.stoppers import FallFromPeakStopper
+
+    return FallFromPeakStopper(config.stop_fall_from_peak, config.stop_metric)
+
+
 def threads_per_trial(config: SweepConfig) -> int:
     """Busy threads of one CPU trial: each worker (and rollout actor, where the trial has them) runs at
     least one, however small its fractional Ray share (infra.cpu_threads)."""

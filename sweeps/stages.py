@@ -17,7 +17,7 @@ from pathlib import Path
 from sweeps.config import SweepConfig
 from sweeps.context import TrialContext
 from sweeps.retries import crash_retries
-from sweeps.search import tune_settings, warmup_key
+from sweeps.search import trial_stopper, tune_settings, warmup_key
 from infra import storage as store
 from trainers.config import TrainConfig, is_preference
 
@@ -49,7 +49,8 @@ def run_stage(stage: str, param_space: dict, config: SweepConfig, context: Trial
             tune_config=tune.TuneConfig(**tune_settings(config)),
             # a rerun trial process (--trials-on-head false) finds its MLflow run and Train checkpoint
             run_config=tune.RunConfig(name=name, storage_path=context.storage_path, verbose=0, callbacks=[progress],
-                                      failure_config=tune_failure_config(config)),
+                                      failure_config=tune_failure_config(config),
+                                      stop=trial_stopper(config) if stage == "sweep" else None),  # --stop-fall-from-peak
         )
     return tuner.fit()
 

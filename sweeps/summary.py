@@ -60,6 +60,27 @@ def comparison_axes(table: list[dict], searched: list[str]) -> tuple[str, list[s
     return x, [k for k in varied if k != x]
 
 
+def point_label(row: dict, keys: list[str]) -> str:
+    """The sweep point a trial belongs to, its seed left out: the trials of one point are its seeds or repeats."""
+    return " ".join(f"{k}={row.get(k)}" for k in keys if k != "seed") or "all trials"
+
+
+def has_repeats(table: list[dict]) -> bool:
+    """Whether any point of the sweep has more than one trial (`--seeds`, or `--num-samples` repeats of a grid)."""
+    points = [point_label(r, list(SEARCHABLE)) for r in table]
+    return len(set(points)) < len(points)
+
+
+def unique_labels(names: list[str]) -> list[str]:
+    """Run names made distinct (grid repeats share one name), so no curve overwrites another."""
+    seen: dict[str, int] = {}
+    labels = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        labels.append(name if seen[name] == 1 else f"{name} #{seen[name]}")
+    return labels
+
+
 def summarize_sweep(tracker: Tracker, name: str, parent_run_id: str, experiment_id: str,
                     searched: list[str]) -> tuple[list[dict], list[str]]:
     import pandas as pd
@@ -67,14 +88,19 @@ def summarize_sweep(tracker: Tracker, name: str, parent_run_id: str, experiment_
     children = [r for r in tracker.child_runs(experiment_id, parent_run_id) if r.data.tags.get("stage") == "sweep"]
     table = sorted((run_row(tracker, r) for r in children), key=lambda r: tuple(str(r[k]) for k in SEARCHABLE))
     if table:
-        x, group_by = comparison_axes(table, searched)
+        repeats = has_repeats(table)  # then seeds are averaged: neither an axis nor a line of their own
+        x, group_by = comparison_axes(table, [k for k in searched if k != "seed"] if repeats else searched)
         tracker.log_dataframe(parent_run_id, pd.DataFrame(table), "summary/sweep_summary.csv")
-        if len({r.get("seed") for r in table}) > 1:  # repeated seeds: mean and 95% interval per swept point
+        if repeats:  # mean and 95% interval per swept point
             values = sorted({k for r in table for k in r if k.startswith(("delta/", "delta_tok/", "peak_delta/"))})
-            tracker.log_dataframe(parent_run_id, pd.DataFrame(aggregate_over_seeds(table, values)),
+            tracker.log_dataframe(parent_run_id, pd.DataFrame(aggregate_over_seeds(table, values + ["reward_accuracy", "ppo_reward"])),
                                   "summary/sweep_summary_over_seeds.csv")
-        curves = {r["run_name"]: {c: tracker.metric_history(r["run_id"], f"logp/{c}") for c in CATEGORIES} for r in table}
-        tracker.log_figure(parent_run_id, plot_category_curves(curves, title=f"sweep {name}: Δ log p per category"),
+        labels = unique_labels([r["run_name"] for r in table])
+        curves = {label: {c: tracker.metric_history(r["run_id"], f"logp/{c}") for c in CATEGORIES}
+                  for label, r in zip(labels, table)}
+        group_of = {label: point_label(r, [x, *group_by]) for label, r in zip(labels, table)} if repeats else None
+        tracker.log_figure(parent_run_id, plot_category_curves(curves, title=f"sweep {name}: Δ log p per category",
+                                                               group_of=group_of),
                            "figures/category_curves.png")
         tracker.log_figure(parent_run_id, plot_sweep_comparison(table, x, group_by, CATEGORIES, title=f"sweep {name}"),
                            f"figures/final_delta_vs_{x}.png")

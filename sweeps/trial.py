@@ -178,12 +178,14 @@ def run_trial(trial_config: dict) -> None:
             tracker.client.update_run(run_id, status="RUNNING")
     else:
         run_id = tracker.start_run(
-            ctx.experiment_id, run_name, params={**config.to_dict(), "probe_set_hash": ctx.probe_set_hash},
+            ctx.experiment_id, run_name,
+            params={**config.to_dict(), "probe_set_hash": ctx.probe_set_hash, "data_hash": ctx.data_hash or "unknown"},
             tags={"tune_trial_id": trial_id, "stage": ctx.stage, "sweep": ctx.sweep_name},
             parent_run_id=ctx.parent_run_id,
         )
         tracker.log_text(run_id, yaml.safe_dump(config.to_dict(), sort_keys=True), "config/resolved_config.yaml")
-        tracker.log_manifest(run_id, trial_manifest(config.to_dict(), ctx.probe_set_hash))  # manifest.json + manifest.* params
+        tracker.log_manifest(run_id, trial_manifest(config.to_dict(), ctx.probe_set_hash, ctx.data_hash,  # manifest.json
+                                                    ctx.data_source))                               # + manifest.* params
 
     trial_dir_name = f"{ctx.stage}-{trial_id}"
     final_model_dir = (ctx.final_model_dirs.get(warmup_key(config.model, config.sft_recipe))
