@@ -85,6 +85,21 @@ BAD_INPUTS = [
      "tests/sweeps/test_cache_keys.py::test_the_warmup_key_changes_when_a_local_model_folder_changes"),
     ("file", "probe set replaced at the same path after the sweep started", "the worker stops, naming the folder and "
      "both hashes", ERROR, "nothing", "tests/trainers/runs/test_probe_set_check.py::test_a_probe_set_replaced_after_the_run_recorded_it_is_refused"),
+    ("file", "probe set replaced, met by real Ray Train workers that may retry (max_failures 2)",
+     "refused once, the ranks agreeing: one report, no retry by Train or Tune; the trial fails its run naming folder and hashes",
+     ERROR, "nothing", "tests/trainers/runs/test_refusals.py::test_a_replaced_probe_set_is_refused_once_not_retried"),
+    ("file", "a sweep's --dataset file missing (path/that/does/not/exist.jsonl)",
+     "one line 'error: --dataset ...: no such file', exit 1, before the tokenizer, MLflow or Ray", ERROR, "nothing",
+     "tests/sweeps/test_user_errors.py::test_a_missing_data_file_stops_the_sweep_in_one_line_before_anything_starts"),
+    ("file", "a sweep's --dataset file unreadable (a folder named .jsonl; no read permission)",
+     "one line naming --dataset and the system's reason, before anything starts", ERROR, "nothing",
+     "tests/sweeps/test_user_errors.py::test_a_missing_or_unreadable_data_file_is_refused_before_start_naming_the_flag"),
+    ("file", "corrupt latest Ray Train checkpoint, earlier ones kept (--checkpoints-to-keep >= 2)",
+     "resumes from the newest readable kept checkpoint, a warning naming the skipped file", RECOVERED,
+     "the steps after that checkpoint (retrained)",
+     "tests/trainers/runs/test_checkpoint_fallback.py::test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_kept_one"),
+    ("file", "every kept Ray Train checkpoint unreadable", "one CheckpointError naming every file; the run is refused once",
+     ERROR, "nothing", "tests/trainers/runs/test_checkpoint_fallback.py::test_no_readable_kept_checkpoint_fails_once_naming_every_file"),
     # config values (flags and YAML)
     *[("config value", flag, f"one line naming {name}, exit 2, before anything starts", ERROR, "nothing", BAD_FLAG)
       for flag, name in [("--lr nan", "--lr"), ("--lr inf", "--lr"), ("--lrs 1e-3 nan", "--lrs"), ("--beta inf", "--beta"),
@@ -117,6 +132,9 @@ BAD_INPUTS = [
      "tests/sweeps/test_driver.py::test_resume_without_a_state_file_names_the_missing_file"),
     ("config value", "--resume against a store without the parent run", "says so", ERROR, "nothing",
      "tests/sweeps/test_driver.py::test_resume_against_a_store_without_the_parent_run_says_so"),
+    ("config value", "--trials-on-head false with a loopback --tracking-uri (127.0.0.1, localhost, ::1)",
+     "one line naming both flags (other nodes cannot reach the head's loopback), exit 2", ERROR, "nothing",
+     f"{CLI}::test_trials_off_the_head_with_a_loopback_tracking_server_are_refused"),
     # URIs
     *[("URI", what, "one line naming the flag and where credentials belong; the secret nowhere in the output", ERROR,
        "nothing", URI)
@@ -144,6 +162,10 @@ BAD_INPUTS = [
      f"{GEMINI}::test_a_refused_key_stops_the_build_without_showing_the_key"),
     ("Gemini reply", "budget exhausted", "build stops; a rerun resumes without duplicates", RESUMED, "nothing",
      f"{GEMINI}::test_the_budget_stops_the_build_and_a_rerun_resumes_without_duplicates"),
+    ("Gemini request", "data rows of 50,000+ characters (long conversations and responses)",
+     "each text cut to --max-input-chars (a conversation keeps its end), the cut marked in the request; request bytes bounded",
+     RECOVERED, "the cut part of those texts (Gemini does not see it)",
+     f"{GEMINI}::test_long_conversations_and_responses_are_cut_to_the_budget_and_the_cut_is_marked"),
 ]
 
 FAULTS = [
@@ -184,6 +206,10 @@ FAULTS = [
      "nothing", "tests/trainers/model/test_pretrained.py::test_a_failed_build_leaves_nothing_and_the_next_call_builds"),
     ("interrupt", "Ctrl-C during a Gemini probe build", "every reply kept; the rerun sends nothing twice", RESUMED, "nothing",
      f"{GEMINI}::test_an_interrupt_loses_no_reply_and_the_rerun_sends_nothing_twice"),
+    ("crashing trial", "--max-failures N (the FailureConfigs a sweep builds for Ray Train and Tune)",
+     "N retries at one level (Ray Train with trials on the head, Tune with --trials-on-head false), the other 0: at most "
+     "N + 1 runs, not (N + 1)²; not run with a crashing trial", ERROR, "nothing",
+     "tests/sweeps/test_retries.py::test_trials_on_the_head_are_retried_by_ray_train_only"),
     ("diverged trial", "lr 1e30: non-finite loss", "the trial fails once, named in one line; the sweep exits 1", ERROR,
      "nothing", "tests/sweeps/test_sweep_failures.py::test_a_diverged_trial_fails_loudly_once_and_the_sweep_exits_non_zero"),
     ("disk use", "node-local cache of remote files past --storage-cache-gb", "least recently used copies removed; "
