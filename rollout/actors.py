@@ -14,7 +14,8 @@ from typing import Any, Mapping, Sequence
 
 import ray
 
-from rollout.interface import RolloutBatch, SamplingParams, gather_shares, generate_share, split_request
+from rollout.interface import (RolloutBatch, SamplingParams, checksums_match, gather_shares, generate_share,
+                               split_request, state_checksum)
 from infra import storage
 from trainers.config import RolloutSettings
 
@@ -34,7 +35,9 @@ class RolloutConfig(RolloutSettings):
         return asdict(self)
 
 
-def resolve_engine(kind: str) -> str:
+def resolve_engine(kind: str, model: str | None = None) -> str:
+    """`auto`: vLLM where it is installed and can run the model (any model on CUDA; on CPU, a head size
+    its CPU attention takes), else Hugging Face generate."""
     if kind not in ("auto", "hf", "vllm"):
         raise ValueError(f"rollout engine must be auto, hf or vllm; got {kind!r}")
     if kind != "auto":
@@ -43,13 +46,24 @@ def resolve_engine(kind: str) -> str:
 
     import torch
 
-    return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
+    if importlib.util.find_spec("vllm") is None:
+        return "hf"
+    if torch.cuda.is_available():
+        return "vllm"
+    if model is None:
+        return "hf"
+    from rollout.vllm_engine import runs_on_cpu
+
+    try:
+        return "vllm" if runs_on_cpu(model) else "hf"
+    except ImportError:  # installed but not importable (e.g. mismatched torch builds): the HF engine works
+        return "hf"
 
 
 def build_engine(config: RolloutConfig, seed: int):
-    kind = resolve_engine(config.engine)
+    kind = resolve_engine(config.engine, config.model)
     if kind == "vllm":
-        from rollout.vllm_engine import VLLMEngine  # the only import of vllm, on a GPU
+        from rollout.vllm_engine import VLLMEngine  # the only import of vllm
 
         return VLLMEngine(config.model, seed=seed, gpu_memory_utilization=config.vllm_gpu_memory_utilization)
     import torch
@@ -80,7 +94,15 @@ class RolloutActor:
     def score(self, prompt_ids, response_ids) -> list[list[float]]:
         return self.engine.score(prompt_ids, response_ids)
 
-    # the NCCL path (rollout.nccl_sync), vLLM engines only
+    def engine_name(self) -> str:
+        return self.engine.name
+
+    def received(self) -> tuple[int, int, float] | None:
+        """(version, tensors, float64 sum) of the last weights the engine loaded; None before any."""
+        got = self.engine.received()
+        return None if got is None else (self.engine.version, *got)
+
+    # the broadcast path (rollout.pool_broadcast), vLLM engines only
     def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> None:
         self.engine.init_weight_group(host, port, rank_offset, world_size, timeout_s)
 
@@ -125,20 +147,50 @@ class RolloutPool:
         started = time.perf_counter()
         return gather_shares(self._get(refs, "generation"), started)
 
+    def wait_ready(self) -> None:
+        """Wait for every actor's engine to start (vLLM on CPU takes a minute or more: `start_timeout_s`)."""
+        refs = [actor.version.remote() for actor in self.actors]
+        try:
+            ray.get(refs, timeout=self.config.start_timeout_s)
+        except ray.exceptions.GetTimeoutError as error:
+            raise RolloutError(f"rollout actors did not start within {self.config.start_timeout_s:.0f}s "
+                               "(--rollout-start-timeout-s)") from error
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
+            raise RolloutError(f"a rollout actor failed to start: {error}") from error
+
     def sync_weights(self, state_dict: Mapping[str, Any], version: int) -> float:
-        """Push weights to every actor (one object-store copy); returns the seconds it took."""
+        """Push weights to every actor (one object-store copy) and check what each loaded; returns the
+        seconds it took."""
         started = time.perf_counter()
         shared = ray.put({k: v.detach().cpu() if hasattr(v, "detach") else v for k, v in state_dict.items()})
         versions = self._get([actor.load_weights.remote(shared, version) for actor in self.actors], "weight sync")
         if set(versions) != {version}:
             raise RolloutError(f"actors report versions {versions} after syncing version {version}")
+        self.verify_received(state_dict, version)
         return time.perf_counter() - started
+
+    def verify_received(self, state_dict: Mapping[str, Any], version: int) -> None:
+        """Every actor's engine reports the version, tensor count and float64 sum of what it loaded; a
+        sync that did not reach an engine (or reached it in part) is an error naming the actor."""
+        sent_count, sent_sum = len(state_dict), state_checksum(state_dict)
+        reports = self._get([actor.received.remote() for actor in self.actors], "weight check")
+        for index, got in enumerate(reports):
+            if got is None or got[0] != version or got[1] != sent_count or not checksums_match(got[2], sent_sum):
+                raise RolloutError(f"rollout actor {index} did not load version {version}: it reports "
+                                   f"(version, tensors, sum) {got}, the trainer sent ({version}, {sent_count}, {sent_sum})")
+
+    def engine_names(self) -> list[str]:
+        return self._get([actor.engine_name.remote() for actor in self.actors], "engine query")
 
     def score(self, prompt_ids, response_ids, actor: int = 0) -> list[list[float]]:
         return self._get(self.actors[actor].score.remote(prompt_ids, response_ids), "scoring")
 
     def versions(self) -> list[int]:
         return self._get([actor.version.remote() for actor in self.actors], "version query")
+
+    @property
+    def num_engines(self) -> int:
+        return len(self.actors)
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from rollout.interface import RolloutBatch, SamplingParams
+from rollout.interface import RolloutBatch, SamplingParams, tensors_checksum
 from trainers.data.collate import pad_rows
 
 
@@ -97,15 +97,14 @@ class HFEngine:
         missing = [k for k in missing if not k.endswith("masked_bias")]
         if missing or unexpected:
             raise ValueError(f"weights do not fit the rollout model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self._received = (len(state_dict), tensors_checksum(state_dict.values()))
         self.version = version
 
-    def score(self, prompt_ids, response_ids) -> list[list[float]]:
-        from trainers.data.collate import collate_sequences
-        from trainers.model.logprobs import response_token_logps
+    def received(self) -> tuple[int, float] | None:
+        """(tensors, float64 sum) of the last state dict loaded; None before any."""
+        return getattr(self, "_received", None)
 
-        batch = collate_sequences(prompt_ids, response_ids, self.tokenizer.pad_token_id)
-        device = next(self.model.parameters()).device
-        with torch.no_grad():
-            logits = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        values, _ = response_token_logps(logits, batch["labels"].to(device), [len(r) for r in response_ids])
-        return [values[i, : len(r)].tolist() for i, r in enumerate(response_ids)]
+    def score(self, prompt_ids, response_ids) -> list[list[float]]:
+        from trainers.model.logprobs import score_responses
+
+        return score_responses(self.model, prompt_ids, response_ids, self.tokenizer.pad_token_id)

@@ -74,6 +74,10 @@ class GenerationEngine(Protocol):
         """log p of each given response token under the engine's current weights (checks a sync)."""
         ...
 
+    def received(self) -> tuple[int, float] | None:
+        """(tensors, float64 sum) of the last weights loaded (compare with `state_checksum`); None before any."""
+        ...
+
 
 class RolloutPoolLike(Protocol):
     """What a trainer calls on its rollouts: the Ray actors (rollout.actors.RolloutPool) or engines in
@@ -87,7 +91,24 @@ class RolloutPoolLike(Protocol):
 
     def versions(self) -> list[int]: ...
 
+    @property
+    def num_engines(self) -> int: ...
+
     def shutdown(self) -> None: ...
+
+
+def state_checksum(state_dict: Mapping[str, Any]) -> float:
+    """float64 sum of every tensor: what the sender computes and each engine computes on what it loaded."""
+    return float(sum(t.detach().double().sum().item() for t in state_dict.values()))
+
+
+def tensors_checksum(tensors) -> float:
+    return float(sum(t.detach().double().sum().item() for t in tensors))
+
+
+def checksums_match(received: float, sent: float) -> bool:
+    """Equal up to float64 summation order (the engine may add the tensors in another order)."""
+    return abs(received - sent) <= 1e-8 * max(1.0, abs(sent))
 
 
 def split_request(n_prompts: int, n_engines: int) -> list[tuple[int, int, int]]:

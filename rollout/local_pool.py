@@ -53,5 +53,9 @@ class LocalRolloutPool:
     def versions(self) -> list[int]:
         return [engine.version for engine in self.engines]
 
+    @property
+    def num_engines(self) -> int:
+        return len(self.engines)
+
     def shutdown(self) -> None:
         self.engines = []

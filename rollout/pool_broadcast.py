@@ -65,6 +65,7 @@ class PoolBroadcastSync:
         versions = self.pool._get(receiving, "receiving the weight broadcast")
         if set(versions) != {version}:
             raise RolloutError(f"actors report versions {versions} after broadcasting version {version}")
+        self.pool.verify_received(state_dict, version)
         return time.perf_counter() - started
 
     def close(self) -> None:

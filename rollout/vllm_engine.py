@@ -42,11 +42,6 @@ def _safetensors_buckets(state_dict: Mapping[str, Any], bucket_bytes: int) -> li
     return buckets
 
 
-def state_checksum(state_dict: Mapping[str, Any]) -> float:
-    """The sender's side of `VLLMEngine.received_checksum`."""
-    return float(sum(t.detach().double().sum().item() for t in state_dict.values()))
-
-
 def model_folder(model: str, seed: int) -> tuple[str, bool]:
     """vLLM loads folders: a built-in tiny size is built from `seed` (the HF engine's start weights) and
     saved to a temporary folder (second value True); a built-in pretrained name becomes its cached folder."""
@@ -62,16 +57,26 @@ def model_folder(model: str, seed: int) -> tuple[str, bool]:
     return folder, True
 
 
-def _check_cpu_head_dim(folder: str, name: str) -> None:
-    """vLLM's CPU attention takes a fixed list of head sizes; say so before a 30 s start fails."""
-    from transformers import AutoConfig
+def cpu_head_sizes() -> list[int]:
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-    config = AutoConfig.from_pretrained(folder)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    supported = CPUAttentionBackend.get_supported_head_sizes()
-    if head_dim not in supported:
-        raise ValueError(f"vLLM on CPU takes head_dim in {supported}; model {name!r} has {head_dim}: use a model such as "
+    return list(CPUAttentionBackend.get_supported_head_sizes())
+
+
+def runs_on_cpu(model: str) -> bool:
+    """Whether vLLM's CPU attention takes the model's head size (`--rollout-engine auto` asks)."""
+    from trainers.model.factory import head_dim
+
+    return head_dim(model) in cpu_head_sizes()
+
+
+def _check_cpu_head_dim(folder: str, name: str) -> None:
+    """vLLM's CPU attention takes a fixed list of head sizes; say so before a 30 s start fails."""
+    from trainers.model.factory import head_dim
+
+    size, supported = head_dim(folder), cpu_head_sizes()
+    if size not in supported:
+        raise ValueError(f"vLLM on CPU takes head_dim in {supported}; model {name!r} has {size}: use a model such as "
                          "tiny-pythia-2m, tiny-pythia-4m or tiny-pythia-16m-hd64, or --rollout-engine hf")
 
 
@@ -122,9 +127,10 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
         self.version = version
 
-    def received_checksum(self) -> float | None:
-        """float64 sum of the tensors the worker loaded in the last update (compare with `state_checksum`)."""
-        return self.llm.collective_rpc("received_checksum")[0]
+    def received(self) -> tuple[int, float] | None:
+        """(tensors, float64 sum) the worker loaded in the last update (compare with `state_checksum`)."""
+        got = self.llm.collective_rpc("received")[0]
+        return None if got is None else (int(got[0]), float(got[1]))
 
     def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> list[int]:
         """Blocks until rank 0 and every other receiver have joined (see rollout.weight_broadcast)."""

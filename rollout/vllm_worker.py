@@ -8,10 +8,6 @@ object-store path therefore sends each bucket as safetensors bytes and rebuilds 
 from __future__ import annotations
 
 
-def _checksum(tensors) -> float:
-    return float(sum(t.detach().double().sum().item() for t in tensors))
-
-
 class WeightSyncExtension:
     """Weights are reloaded through vLLM's layerwise reload: on CPU it packs linear weights for its
     kernels after loading (and drops the plain tensors), so a bare `model.load_weights` after start-up
@@ -21,14 +17,17 @@ class WeightSyncExtension:
         from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
 
         initialize_layerwise_reload(self.model_runner.model)
-        self._received_sum = 0.0
+        self._received = (0, 0.0)
 
     def load_safetensors_bucket(self, blob: bytes) -> int:
         """One bucket of the state dict as safetensors bytes, between begin_ and end_bucket_reload."""
         from safetensors.torch import load
 
+        from rollout.interface import tensors_checksum
+
         tensors = load(blob)
-        self._received_sum += _checksum(tensors.values())
+        count, total = self._received
+        self._received = (count + len(tensors), total + tensors_checksum(tensors.values()))
         self.model_runner.model.load_weights(weights=[(k, v.to(self.device)) for k, v in tensors.items()])
         return len(tensors)
 
@@ -37,11 +36,11 @@ class WeightSyncExtension:
 
         finalize_layerwise_reload(self.model_runner.model, self.model_runner.model_config)
 
-    def received_checksum(self) -> float | None:
-        """float64 sum of every tensor the last update loaded (None before any): the trainer compares it
-        with the sum of what it sent. (On CPU vLLM packs linear weights into kernel formats, so the
+    def received(self) -> tuple[int, float] | None:
+        """(tensors, float64 sum) of everything the last update loaded (None before any): the trainer
+        compares it with what it sent. (On CPU vLLM packs linear weights into kernel formats, so the
         model's own parameters cannot be summed the same way.)"""
-        return getattr(self, "_received_sum", None)
+        return getattr(self, "_received", None)
 
     def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> int:
         """Join the trainer's broadcast group (rank 0 is the trainer; this worker is rank_offset + its rank)."""
@@ -54,21 +53,22 @@ class WeightSyncExtension:
 
     def receive_weight_buckets(self, buckets: list) -> int:
         """Receive every bucket rank 0 broadcasts (plan from rollout.weight_broadcast.plan_buckets) and load it."""
+        from rollout.interface import tensors_checksum
         from rollout.weight_broadcast import Bucket, receive_buckets
 
         if getattr(self, "_weight_group", None) is None:
             raise RuntimeError("receive_weight_buckets before join_weight_group")
         plan = [b if isinstance(b, Bucket) else Bucket(b[0], tuple((n, tuple(s)) for n, s in b[1])) for b in buckets]
-        received, self._received_sum = [0], 0.0
+        self._received = (0, 0.0)
 
         def weights():
             for tensors in receive_buckets(self._weight_group, plan, self.device, self._weight_timeout_s):
-                received[0] += len(tensors)
-                self._received_sum += _checksum(t for _, t in tensors)
+                count, total = self._received
+                self._received = (count + len(tensors), total + tensors_checksum(t for _, t in tensors))
                 yield from tensors
 
         self.model_runner.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
-        return received[0]
+        return self._received[0]
 
     def leave_weight_group(self) -> None:
         self._weight_group = None

@@ -62,12 +62,15 @@ class DataSettings:
 @dataclass
 class RolloutSettings:
     """The rollout actors of a trial (PPO, and probe decodes with --probe-decodes actors)."""
-    engine: str = _f("auto", "auto (vLLM when CUDA and vllm are present), hf or vllm", choices=("auto", "hf", "vllm"), flag="--rollout-engine")
+    engine: str = _f("auto", "auto (vLLM where it is installed and takes the model: any on CUDA, head_dim 32/64/... on CPU), hf or vllm", choices=("auto", "hf", "vllm"), flag="--rollout-engine")
     num_actors: int = _f(2, "rollout actors per trial (separate from the training workers)", range=AT_LEAST_1, flag="--rollout-actors")
     cpus_per_actor: float = _f(0.15, "CPU share per rollout actor", range=NON_NEGATIVE, flag="--rollout-cpus-per-actor")
     gpus_per_actor: float = _f(0.0, "GPU share per rollout actor (e.g. 1 on a GPU cluster)", range=NON_NEGATIVE, flag="--rollout-gpus-per-actor")
     sync_every: int = _f(1, "push the policy's weights to the actors every N updates", range=AT_LEAST_1, flag="--rollout-sync-every")
     timeout_s: float = _f(300.0, "longest wait for a rollout or a weight sync before the trial fails", range=POSITIVE, flag="--rollout-timeout-s")
+    start_timeout_s: float = _f(900.0, "longest wait for the actors' engines to start (vLLM on 2 CPU cores: 1-7 minutes)", range=POSITIVE, flag="--rollout-start-timeout-s")
+    weight_sync: str = _f("auto", "how weights reach the actors: 'broadcast' (one gloo/NCCL group from trainer rank 0 to every vLLM worker), 'object-store' (one Ray object each actor loads), 'auto' (broadcast when every actor runs vLLM)", choices=("auto", "broadcast", "object-store"), flag="--weight-sync")
+    mismatch_prompts: int = _f(4, "after each weight sync, score this many probe prompts' chosen and rejected responses with every actor and the trainer: rollout/probe_mismatch_* (0: off)", range=NON_NEGATIVE, flag="--probe-mismatch-prompts")
     vllm_gpu_memory_utilization: float = _f(0.4, "share of a GPU's memory a vLLM engine may take", range=Range(0, 1, low_open=True), flag="--rollout-vllm-gpu-memory-utilization")
     max_restarts: int = _f(3, "restarts of an actor lost with its node (start weights; the next sync updates it)", range=NON_NEGATIVE, flag="--rollout-max-restarts")
 

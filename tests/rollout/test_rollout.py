@@ -74,11 +74,33 @@ def test_concat_refuses_mixed_policy_versions():
         RolloutBatch.concat([part, other])
 
 
-def test_auto_engine_is_hf_without_cuda_and_vllm():
-    expected = "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
-    assert resolve_engine("auto") == expected
+def test_auto_engine_is_hf_where_vllm_cannot_run_the_model():
+    assert resolve_engine("hf", "tiny-pythia-2m") == "hf" and resolve_engine("vllm") == "vllm"
+    if not torch.cuda.is_available():
+        # tiny-pythia-1m's head size (24) is not one vLLM's CPU attention takes: HF, with or without vllm
+        assert resolve_engine("auto", "tiny-pythia-1m") == "hf"
+    if importlib.util.find_spec("vllm") is None:
+        assert resolve_engine("auto", "tiny-pythia-2m") == "hf"
     with pytest.raises(ValueError, match="auto, hf or vllm"):
         resolve_engine("tgi")
+
+
+@pytest.mark.ray
+def test_a_sync_that_did_not_land_is_named(pool):
+    """Each actor reports (version, tensors, sum) of what it loaded; anything else than what the trainer
+    sent is an error naming the actor."""
+    model, _ = load_model_and_tokenizer(MODEL, seed=0)
+    other, _ = load_model_and_tokenizer(MODEL, seed=5)
+    pool.sync_weights(model.state_dict(), 7)
+    pool.verify_received(model.state_dict(), 7)  # what was sent is what they hold
+    with pytest.raises(RolloutError, match=r"rollout actor 0 did not load version 7"):
+        pool.verify_received(other.state_dict(), 7)
+    with pytest.raises(RolloutError, match=r"did not load version 8"):
+        pool.verify_received(model.state_dict(), 8)
+    part = dict(list(model.state_dict().items())[:-1])
+    with pytest.raises(RolloutError, match="did not load"):
+        pool.verify_received(part, 7)
+    assert pool.engine_names() == ["hf", "hf"]
 
 
 def test_the_in_process_pool_splits_and_seeds_as_the_actors_do(engine):

@@ -100,7 +100,7 @@ def test_object_store_weights_reach_the_engine(setup):
     """After load_weights the engine samples from, and scores with, the new weights."""
     from rollout.hf_engine import HFEngine
     from rollout.interface import SamplingParams
-    from rollout.vllm_engine import state_checksum
+    from rollout.interface import state_checksum
 
     engine, model, tokenizer, prompts = setup
     new = perturbed(model, seed=1)
@@ -109,7 +109,9 @@ def test_object_store_weights_reach_the_engine(setup):
     engine.load_weights(new.state_dict(), version=3)
     print(f"object-store path load_weights: {time.perf_counter() - started:.3f}s")
     assert engine.version == 3
-    assert engine.received_checksum() == pytest.approx(state_checksum(new.state_dict()), rel=1e-9, abs=1e-6)
+    count, total = engine.received()
+    assert count == len(new.state_dict())
+    assert total == pytest.approx(state_checksum(new.state_dict()), rel=1e-9, abs=1e-6)
     batch = engine.generate(prompts, SamplingParams(max_new_tokens=16, temperature=1.0, seed=3))
     diff = max_diff(new, batch)
     print(f"after load_weights: max |engine - recompute| log-prob = {diff:.2e}")
@@ -128,7 +130,7 @@ def test_object_store_weights_reach_the_engine(setup):
 def test_broadcast_weights_reach_the_engine(setup):
     """Trainer rank 0 (this process) broadcasts over gloo (NCCL on CUDA) into the engine's worker."""
     from rollout.interface import SamplingParams
-    from rollout.vllm_engine import state_checksum
+    from rollout.interface import state_checksum
     from rollout.weight_broadcast import WeightBroadcaster, plan_buckets
 
     engine, model, _, prompts = setup
@@ -166,8 +168,19 @@ def test_broadcast_weights_reach_the_engine(setup):
     assert not errors and not receiving.is_alive()
     assert engine.version == 5
     cpu_trainer = trainer.to("cpu")
-    assert engine.received_checksum() == pytest.approx(state_checksum(cpu_trainer.state_dict()), rel=1e-9, abs=1e-6)
+    count, total = engine.received()
+    assert count == len(state)
+    assert total == pytest.approx(state_checksum(cpu_trainer.state_dict()), rel=1e-9, abs=1e-6)
     batch = engine.generate(prompts, SamplingParams(max_new_tokens=16, temperature=1.0, seed=4))
     diff = max_diff(cpu_trainer, batch)
     print(f"after broadcast: max |engine - trainer| log-prob = {diff:.2e}")
     assert diff < TOL and batch.policy_version == 5
+
+
+def test_auto_picks_vllm_where_it_takes_the_model():
+    from rollout.actors import resolve_engine
+
+    assert resolve_engine("auto", "tiny-pythia-2m") == "vllm"   # head_dim 32
+    assert resolve_engine("auto", "tiny-pythia-16m-hd64") == "vllm"
+    if not torch.cuda.is_available():
+        assert resolve_engine("auto", "tiny-pythia-1m") == "hf"  # head_dim 24: not on vLLM's CPU attention

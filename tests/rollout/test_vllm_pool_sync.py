@@ -67,11 +67,12 @@ def pool_tokenizer(text: str) -> list[int]:
 def pool(local_ray):
     from rollout.actors import RolloutConfig, RolloutPool
 
-    config = RolloutConfig(model=MODEL, engine="vllm", num_actors=2, cpus_per_actor=0.5, timeout_s=1200.0,
-                           max_restarts=0, seed=0)
+    config = RolloutConfig(model=MODEL, engine="vllm", num_actors=2, cpus_per_actor=0.5, timeout_s=SYNC_TIMEOUT_S,
+                           start_timeout_s=1200.0, max_restarts=0, seed=0)
     started = time.perf_counter()
     pool = RolloutPool(config)
-    assert pool.versions() == [0, 0]  # waits for both engines
+    pool.wait_ready()  # both engines, within start_timeout_s
+    assert pool.versions() == [0, 0]
     print(f"2 vLLM actors started in {time.perf_counter() - started:.1f}s")
     yield pool
     pool.shutdown()
@@ -79,15 +80,16 @@ def pool(local_ray):
 
 def test_broadcast_then_object_store_then_a_dead_actor(pool):
     from rollout.actors import RolloutError
-    from rollout.pool_broadcast import PoolBroadcastSync
+    from rollout.weight_sync import weight_sync_for
     from trainers.model.factory import load_model_and_tokenizer
 
     start, tokenizer = load_model_and_tokenizer(MODEL, seed=0)
     assert check_pool_matches(pool, start.eval(), 0, seed=1) < TOL  # actors start from the trainer's weights
 
-    sync = PoolBroadcastSync(pool, timeout_s=SYNC_TIMEOUT_S, bucket_bytes=1 << 20)
+    sync, way = weight_sync_for(pool, "auto")  # what trainer rank 0 does at its first sync
+    assert way == "broadcast" and pool.engine_names() == ["vllm", "vllm"]
     policy = trained(start, tokenizer, steps=3, seed=0)
-    seconds = sync.sync(policy.state_dict(), version=3)
+    seconds = sync(policy.state_dict(), 3)  # then checks each actor's (version, tensors, sum)
     diff = check_pool_matches(pool, policy, 3, seed=2)
     print(f"broadcast sync to 2 actors: {seconds:.3f}s; max |engine - trainer| log-prob = {diff:.2e}")
     assert diff < TOL
@@ -103,7 +105,7 @@ def test_broadcast_then_object_store_then_a_dead_actor(pool):
     ray.kill(pool.actors[1], no_restart=True)
     started = time.perf_counter()
     with pytest.raises(RolloutError, match="actor 1"):
-        sync.sync(policy.state_dict(), version=6)
+        sync(policy.state_dict(), 6)
     elapsed = time.perf_counter() - started
     print(f"killed actor detected by the broadcast after {elapsed:.1f}s (timeout {SYNC_TIMEOUT_S:.0f}s)")
     assert elapsed < 2 * SYNC_TIMEOUT_S + 30  # the send's timeout, then the wait that names the actor

@@ -94,5 +94,17 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
+def head_dim(name_or_path: str) -> int:
+    """The attention head size of a model name or folder, without building it (vLLM's CPU kernels take
+    only a few sizes)."""
+    if name_or_path in TINY_PYTHIA_SIZES:
+        size = TINY_PYTHIA_SIZES[name_or_path]
+        return size.hidden_size // size.num_attention_heads
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -89,3 +89,17 @@ def response_token_logps(logits: Tensor, labels: Tensor, response_lengths: Seque
     shifted_labels = labels[:, 1:]
     per_token = token_logps(logits[:, :-1], shifted_labels.masked_fill(shifted_labels == IGNORE_INDEX, 0))
     return gather_response_positions(per_token, labels, response_lengths)
+
+
+def score_responses(model, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                    pad_id: int) -> list[list[float]]:
+    """log p of each response token after its prompt, one padded forward pass, as plain lists: how an HF
+    rollout engine answers `score()` and how the trainer scores what a rollout engine scored."""
+    from trainers.data.collate import collate_sequences
+
+    batch = collate_sequences(prompt_ids, response_ids, pad_id)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    values, _ = response_token_logps(logits, batch["labels"].to(device), [len(r) for r in response_ids])
+    return [values[i, : len(r)].tolist() for i, r in enumerate(response_ids)]

@@ -84,6 +84,9 @@ class PolicyTrainer:
         self.pool = pool             # a rollout pool (Ray actors or in-process engines), or None: decode here
         self.policy_version = -1     # the step whose weights the actors hold
         self.last_sync_s = 0.0
+        self._weight_sync = None     # rank 0: the sync call --weight-sync chose (rollout.weight_sync), made at first use
+        self.weight_sync_way = ""
+        self._mismatch: dict[str, float] = {}  # rank 0: rollout/probe_mismatch_* of the last sync, until reported
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         torch.manual_seed(config.seed)
         model, self.tokenizer = load_model_and_tokenizer(config.init_checkpoint or config.model, seed=config.seed)
@@ -160,15 +163,55 @@ class PolicyTrainer:
             self.sync_weights()  # the actors start from exactly this policy (fresh or restored)
 
     def sync_weights(self) -> None:
-        """Rank 0 pushes the LM's weights to the rollout actors as version = step; every rank waits."""
+        """Rank 0 pushes the LM's weights to the rollout actors as version = step (the way --weight-sync
+        chose), checks what they loaded, and measures the engine-trainer mismatch on the probe set; every
+        rank waits."""
         if self.pool is None or self.policy_version == self.step:
             return
         self.gather_weights()
         if self.rank == 0:
-            self.last_sync_s = self.pool.sync_weights(lora.merged_state_dict(self.language_model()), self.step)
+            if self._weight_sync is None:
+                from rollout.weight_sync import weight_sync_for
+
+                device = next(self.language_model().parameters()).device
+                self._weight_sync, self.weight_sync_way = weight_sync_for(self.pool, self.config.rollout.weight_sync, device)
+            self.last_sync_s = self._weight_sync(lora.merged_state_dict(self.language_model()), self.step)
+            self._mismatch = self.probe_mismatch()
         if _distributed():
             dist.barrier()
         self.policy_version = self.step
+
+    def probe_mismatch(self) -> dict[str, float]:
+        """`rollout/probe_mismatch_*`: every engine and this trainer score the same fixed probe responses
+        (chosen and rejected of the first `rollout.mismatch_prompts` prompts) right after a sync."""
+        count = min(self.config.rollout.mismatch_prompts, len(self.probes.prompt_ids))
+        if not count:
+            return {}
+        from rollout.mismatch import probe_mismatch
+        from trainers.model.logprobs import score_responses
+
+        prompts, responses = [], []
+        for category in [c for c in ("chosen", "rejected") if c in self.probes.response_ids]:
+            for index in range(count):
+                if self.probes.response_ids[category][index]:
+                    prompts.append(self.probes.prompt_ids[index])
+                    responses.append(self.probes.response_ids[category][index])
+        model = self.language_model()
+        was_training = model.training
+        model.eval()  # no dropout (LoRA's included): the engines score deterministically
+        try:
+            ours = score_responses(model, prompts, responses, self.tokenizer.pad_token_id)
+        finally:
+            model.train(was_training)
+        if not responses:
+            return {}
+        engines = [row for actor in range(self.pool.num_engines) for row in self.pool.score(prompts, responses, actor=actor)]
+        return probe_mismatch(engines, ours * self.pool.num_engines)
+
+    def take_mismatch(self) -> dict[str, float]:
+        """The last sync's mismatch metrics, once (rank 0; empty elsewhere and when already reported)."""
+        found, self._mismatch = self._mismatch, {}
+        return found
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over grad_accum_steps micro-batches; metrics averaged over ranks."""
@@ -237,6 +280,7 @@ class PolicyTrainer:
                                   prompts_per_batch=self.config.probe_batch_prompts, decodes=self.policy_decodes())
         records = gather_records(records)
         summary = summarize_records(records)
+        summary.update(self.take_mismatch())  # rank 0, after the decodes' sync
         # ZeRO partitions the parameters; PPO's loss needs rollouts
         if self.config.grad_cos_prompts and self.strategy is None and self.config.loss != "ppo":
             summary.update(self.grad_alignment(self.config.grad_cos_prompts))

@@ -159,6 +159,7 @@ class PPOTrainer(PolicyTrainer):
         if self.step % config.rollout.sync_every == 0:
             self.sync_weights()
         metrics["rollout/weight_sync_s"] = self.last_sync_s
+        metrics.update(self.take_mismatch())  # rank 0, after this step's sync
         metrics["rollout/policy_version"] = float(self.policy_version)
         metrics["train/step_time_s"] = time.perf_counter() - started
         return metrics
