@@ -74,7 +74,7 @@ def plot_category_curves(runs: Mapping[str, Mapping[str, Curve]], title: str = "
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
         figure.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize="small")
-    figure.suptitle(f"{title}\nlines: mean over seeds, bands: 95% t interval" if banded else title)
+    figure.suptitle(f"{title}\nmean over seeds, 95% t band" if banded else title)
     figure.tight_layout(rect=(0, 0.06 if handles else 0, 1, 0.93 if banded else 0.95))
     return figure
 
