@@ -7,8 +7,9 @@ so each trial's two training workers fill one worker node and the two trials spr
 
 Mid-sweep the test kills the worker node of one trial (no graceful shutdown: its raylet and
 workers die) and adds a fresh node, as the autoscaler would. The trial processes sit on the head,
-so only the killed trial's workers are lost: Ray Train restarts them from the last checkpoint, and
-the trial's MLflow curves still hold exactly one point per step. One cluster and one server for
+so only the killed trial's workers are lost: Ray Train restarts them from the last checkpoint on a
+live worker node (the fresh one, or the other trial's once that trial has finished), and the trial's
+MLflow curves still hold exactly one point per step. One cluster and one server for
 the whole module.
 """
 from __future__ import annotations
@@ -179,7 +180,12 @@ def test_the_lost_trial_resumed_from_its_checkpoint_with_complete_curves(node_lo
         if run_id == result["victim"]:
             resumed = int(tags["resumed_from_step"])
             assert resumed >= CHECKPOINT_EVERY and resumed % CHECKPOINT_EVERY == 0
-            assert tags["ray_nodes"].split(",") == [result["replacement"]] * 2  # restarted on the new node
+            # restarted on live worker nodes, one id per rank. Which ones is Ray's choice: the new node has room,
+            # and so does the other trial's node once that trial has finished (its workers gone) before the
+            # restart is placed, so asserting the new node only held when the other trial was still running
+            nodes = tags["ray_nodes"].split(",")
+            live = (result["worker_nodes"] - {result["killed_node"]}) | {result["replacement"]}
+            assert len(nodes) == 2 and set(nodes) <= live, (nodes, live)
         else:
             assert "resumed_from_step" not in tags
             assert tags["ray_nodes"] == result["before"][run_id]  # the other trial never moved
