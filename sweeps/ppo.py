@@ -2,7 +2,8 @@
 
 Each trial: a Ray Train group of policy workers, plus a pool of rollout actors (vLLM on a GPU, HF
 generate on a CPU) that sample the PPO batches and the `greedy`/`sample` probe categories; rank 0
-pushes the policy's weights to them after updates. Rewards: the built-in rule on the built-in data,
+pushes the policy's weights to them after updates. Rewards: a built-in rule on the built-in data
+(default `dense-rule`: the sparse `rule` gave a tiny policy almost no signal, see trainers/model/rewards.py),
 or a reward model trained with sweeps/reward_model.py (`--reward DIR`).
 
     python sweeps/ppo.py                                   # built-in data, tiny model, 2 CPU cores
@@ -27,7 +28,7 @@ from trainers.config import TrainConfig  # noqa: E402
 ENTRY = EntryPoint(
     prog="sweeps/ppo.py", description=__doc__,
     defaults=SweepConfig(name="ppo", betas=[], kl_coefs=[0.02, 0.2], max_concurrent_trials=2,
-                         train=TrainConfig(loss="ppo", lr=1e-4, max_steps=30, eval_every=10, micro_batch_size=8,
+                         train=TrainConfig(loss="ppo", reward="dense-rule", lr=1e-4, max_steps=30, eval_every=10, micro_batch_size=8,
                                            checkpoint_every=10)),
     searched=("ppo_kl_coef", "lr", "model", "seed", "sft_recipe"),
     fixed={"loss": "ppo.py trains with loss ppo; preference losses are sweeps/dpo_beta.py's, SFT is sweeps/sft.py's"},

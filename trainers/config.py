@@ -99,7 +99,7 @@ class TrainConfig(DataSettings):
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)", range=NON_NEGATIVE)
     seed: int = _f(0, "seed of model init, data order and sampling", range=NON_NEGATIVE)
     # PPO (loss=ppo): rollouts from the actor pool, rewards from a rule or a reward model
-    reward: str = _f("rule", "PPO reward: 'rule' (built-in: the prompt's key words the answer uses, minus unhelpful phrases) or a reward-model folder (sweeps/reward_model.py)")
+    reward: str = _f("rule", "PPO reward: 'rule' (built-in: the prompt's key words the answer uses, minus unhelpful phrases), 'dense-rule' (that, averaged with how many words of the built-in helpful answers it uses; sweeps/ppo.py's default) or a reward-model folder (sweeps/reward_model.py)")
     ppo_kl_coef: float = _f(0.05, "KL penalty coefficient to the frozen reference (per token)", range=NON_NEGATIVE)
     ppo_kl_estimator: str = _f("k1", "per-token KL estimator: k1 (log ratio) or k3 (non-negative)", choices=("k1", "k3"))
     ppo_target_kl: float = _f(0.0, "adaptive KL controller's target KL per sequence (0: fixed coefficient)", range=NON_NEGATIVE)

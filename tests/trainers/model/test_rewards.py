@@ -1,8 +1,8 @@
-"""The built-in rule reward: hand-made cases and how well it separates the built-in pairs."""
+"""The built-in rule rewards: hand-made cases and how well they separate the built-in pairs."""
 import pytest
 
 from trainers.data.pairs import load_preference_data
-from trainers.model.rewards import key_words, make_reward_fn, rule_reward
+from trainers.model.rewards import dense_rule_reward, helpful_register, key_words, make_reward_fn, rule_reward
 
 PROMPT = "\n\nHuman: Hi!\n\nAssistant: Hello.\n\nHuman: How should I water my tomato plants in summer?\n\nAssistant:"
 
@@ -37,3 +37,34 @@ def test_every_rejected_template_carries_a_stock_phrase():
     assert missing == []
     unused = [p for p in UNHELPFUL_PHRASES if not any(p in t.lower() for t in REJECTED)]
     assert unused == []                                    # each phrase still comes from a template
+
+
+# hand-counted: soften, garlic, simmer, gently and heat are words of the built-in cooking answers
+@pytest.mark.parametrize("response, expected", [
+    (" Soften the garlic, simmer gently.", 4 / 6),                         # 4 distinct helpful words of 6 wanted
+    (" Soften the garlic.", 2 / 6),                                       # stopping early earns less
+    (" Simmer simmer simmer simmer.", 1 / 6),                             # a repeat counts once
+    (" Soften the garlic, simmer gently over low heat with a little lentil soup.", 1.0),  # 8 distinct: capped
+    (" Octopuses glow purple.", 0.0),                                    # none of them
+])
+def test_helpful_register_hand_cases(response, expected):
+    assert helpful_register(response) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("response, expected", [
+    (" Water the tomato plants gently.", (3 / 4 + 4 / 6) / 2),            # 3 of 4 key words; 4 helpful words
+    (" Soften the garlic, simmer gently.", (0.0 + 4 / 6) / 2),             # no key word, still graded
+    (" I'm sorry, but soften the garlic and simmer gently.", (0.0 + 4 / 6) / 2 - 1.0),
+    (" Octopuses glow purple.", 0.0),                                    # none of them
+])
+def test_dense_rule_hand_cases(response, expected):
+    assert dense_rule_reward(PROMPT, response) == pytest.approx(expected)
+    assert make_reward_fn("dense-rule")([PROMPT], [response]).item() == pytest.approx(expected)
+
+
+def test_dense_rule_prefers_chosen_on_the_builtin_pairs():
+    pairs = load_preference_data("builtin", "train", max_rows=500).pairs
+    score = make_reward_fn("dense-rule")
+    chosen = score([p.prompt for p in pairs], [p.chosen for p in pairs])
+    rejected = score([p.prompt for p in pairs], [p.rejected for p in pairs])
+    assert (chosen > rejected).float().mean().item() > 0.95
