@@ -57,5 +57,8 @@ class LocalRolloutPool:
     def num_engines(self) -> int:
         return len(self.engines)
 
+    def engine_names(self) -> list[str]:
+        return [engine.name for engine in self.engines]
+
     def shutdown(self) -> None:
         self.engines = []

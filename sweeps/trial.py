@@ -79,6 +79,8 @@ class MlflowReportCallback(UserCallback):
             tags.update({"data.train_pairs": report.train_pairs, "data.skipped_rows": report.skipped_rows})
         if report.nodes:  # the worker group (re)started: where its ranks run
             tags["ray_nodes"] = ",".join(report.nodes)
+        if report.rollout:  # what --rollout-engine / --weight-sync auto resolved to
+            tags.update({f"rollout.{key}_in_use": value for key, value in report.rollout.items()})
         if report.resumed_from_step is not None:
             tags["resumed_from_step"] = report.resumed_from_step
         if report.final_model_dir:

@@ -56,6 +56,12 @@ def test_ppo_metrics_every_step_and_probe_curves_with_sample(ppo_sweep):
         # synced after every update: the actors hold the policy of each step
         assert [v for _, v in tracker.metric_history(run_id, "rollout/policy_version")] == [1, 2, 3, 4]
         assert max(v for _, v in tracker.metric_history(run_id, "ppo/logprob_mismatch")) < 1e-3
+        # engine and trainer score the fixed probe responses after every sync (step 0: the start weights)
+        mismatch = tracker.metric_history(run_id, "rollout/probe_mismatch_max")
+        assert [s for s, _ in mismatch] == list(range(0, MAX_STEPS + 1)) and max(v for _, v in mismatch) < 1e-4
+        # what --rollout-engine auto and --weight-sync auto resolved to (tiny-pythia-1m: HF actors, object store)
+        assert trial.data.tags["rollout.engines_in_use"] == "hf,hf"
+        assert trial.data.tags["rollout.weight_sync_in_use"] == "object-store"
         assert {"sample", "greedy"} <= set(CATEGORIES)
         for category in CATEGORIES:
             assert [s for s, _ in tracker.metric_history(run_id, f"logp/{category}")] == [0, 2, 4], category

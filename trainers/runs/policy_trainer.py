@@ -208,6 +208,12 @@ class PolicyTrainer:
         engines = [row for actor in range(self.pool.num_engines) for row in self.pool.score(prompts, responses, actor=actor)]
         return probe_mismatch(engines, ours * self.pool.num_engines)
 
+    def rollout_in_use(self) -> dict[str, str] | None:
+        """What `auto` resolved to, for the run's tags: the engine of each actor and the weight-sync way."""
+        if self.pool is None or not self.weight_sync_way:
+            return None
+        return {"engines": ",".join(self.pool.engine_names()), "weight_sync": self.weight_sync_way}
+
     def take_mismatch(self) -> dict[str, float]:
         """The last sync's mismatch metrics, once (rank 0; empty elsewhere and when already reported)."""
         found, self._mismatch = self._mismatch, {}

@@ -180,6 +180,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         payload: dict = {"step": trainer.step}
         if rank == 0:
             sent = WorkerReport(step=trainer.step, history=list(pending), probe_records=records, nodes=nodes,
+                                rollout=trainer.rollout_in_use() if nodes else None,
                                 resumed_from_step=resumed_from, non_finite=non_finite)
             if trainer.step == 0 or final:
                 sent.train_pairs, sent.skipped_rows = len(trainer.pairs), trainer.skipped_rows

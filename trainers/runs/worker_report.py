@@ -40,6 +40,7 @@ class WorkerReport:
     history: list[dict] = field(default_factory=list)       # every step's metrics since the last report ({"step": n, ...})
     probe_records: list[dict] | None = None                 # per-example log-probs of an evaluation at `step`
     nodes: list[str] | None = None                          # Ray node of every rank, once per (re)started worker group
+    rollout: dict[str, str] | None = None                   # with `nodes`: the rollout engines and the weight-sync way in use
     resumed_from_step: int | None = None                    # the checkpoint step this worker group started from
     train_pairs: int | None = None                          # data counts, at step 0 and the last step
     skipped_rows: int | None = None

@@ -32,7 +32,7 @@ def test_a_landed_sync_gives_float_noise_and_a_stale_engine_a_gap(builtin_probe_
     pool = LocalRolloutPool.from_pretrained(config.model, num_engines=2, seed=config.seed, batch_size=4)
     trainer = PolicyTrainer(config, pool=pool)
     trainer.prepare()
-    assert trainer.weight_sync_way == "in-process"
+    assert trainer.rollout_in_use() == {"engines": "hf,hf", "weight_sync": "in-process"}
     trainer.train_step()
     summary, _ = trainer.evaluate()  # the decodes sync to step 1 first, then the mismatch is measured
     assert all(key in summary for key in KEYS)
