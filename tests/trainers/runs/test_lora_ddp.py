@@ -5,7 +5,8 @@ reference log-probs (computed from the base model by the sweep's own task) -- wh
 weights every rank hands back. Checked: both ranks hold the same adapters after the steps although
 they trained on different shards (DDP averaged the gradients), the base stays bit-identical on both,
 the shared log-probs give the same losses as the adapters-off reference, the saved folder loads with
-plain transformers and equals the merged weights of the checkpoint's adapters."""
+plain transformers and equals the merged weights of the checkpoint's adapters. And PPO with LoRA through
+a Ray rollout actor: the object-store weight sync delivers merged weights."""
 from __future__ import annotations
 
 import copy
@@ -125,3 +126,42 @@ def test_lora_dpo_with_two_ddp_workers(local_ray, builtin_probe_dir, tmp_path):
     for key, value in merged.items():
         torch.testing.assert_close(saved[key], value, rtol=0, atol=1e-6)
     assert any(not torch.equal(saved[k], fresh_state[k]) for k in merged)  # merged, not the base
+
+
+def test_ppo_with_lora_syncs_merged_weights_to_ray_rollout_actors(local_ray, builtin_probe_dir):
+    """The actor path of the weight sync (object store, checked by each actor's tensor count and sum):
+    a Ray rollout actor gets the merged weights, so after each sync its log-probs are the LoRA policy's."""
+    from rollout.actors import RolloutConfig, RolloutPool
+    from rollout.interface import SamplingParams
+    from trainers.config import RolloutSettings, TrainConfig
+    from trainers.model.factory import load_model_and_tokenizer
+    from trainers.model.logprobs import score_responses
+    from trainers.runs.ppo_trainer import PPOTrainer
+
+    torch.set_num_threads(1)
+    config = TrainConfig(model="tiny-pythia-1m", loss="ppo", max_train_pairs=32, micro_batch_size=8, ppo_minibatches=2,
+                         ppo_max_new_tokens=6, num_probe_prompts=2, greedy_max_tokens=4, probe_set_dir=builtin_probe_dir,
+                         lr=1e-2, warmup_steps=1, num_workers=1, max_steps=2, lora_rank=4, lora_alpha=8.0,
+                         rollout=RolloutSettings(num_actors=1, cpus_per_actor=0.5, sync_every=1, engine="hf"))
+    actors = RolloutPool(RolloutConfig(model=config.model, num_actors=1, cpus_per_actor=0.5, engine="hf",
+                                       batch_size=config.micro_batch_size, seed=config.seed, timeout_s=300))
+    try:
+        trainer = PPOTrainer(config, pool=actors)
+        trainer.prepare()
+        history = [trainer.train_step() for _ in range(config.max_steps)]
+        assert trainer.weight_sync_way == "object-store" and actors.versions() == [2]
+        assert [step["rollout/policy_version"] for step in history] == [1, 2]
+        # step 2 sampled with version 1 (adapters already moved): the actor's sampling log-probs are the policy's
+        assert all(step["ppo/logprob_mismatch"] < 1e-5 for step in history), history
+        prompts = [trainer.pairs[i].prompt_ids for i in range(4)]
+        responses = [r or [trainer.tokenizer.eos_token_id]
+                     for r in actors.generate(prompts, SamplingParams(max_new_tokens=6, seed=5)).token_ids]
+        pad = trainer.tokenizer.pad_token_id
+        base, _ = load_model_and_tokenizer(config.model, seed=config.seed)
+        ours = score_responses(trainer.language_model().eval(), prompts, responses, pad)
+        start = score_responses(base.eval(), prompts, responses, pad)
+        for remote, mine, original in zip(actors.score(prompts, responses), ours, start):
+            assert remote == pytest.approx(mine, abs=1e-5)
+            assert max(abs(a - b) for a, b in zip(mine, original)) > 1e-4  # the adapters moved the policy
+    finally:
+        actors.shutdown()
