@@ -7,7 +7,9 @@ visible rows. It nests children only while no search filter is set, and a shared
 (experiment tag `mlflow.sharedViewState.<key>`, opened by the URL parameter `viewStateShareKey`)
 carries a search filter and order, but not `runsExpanded` (the UI drops that key from shared views). So the
 saved view filters on the sweep's parent run id and sorts by run name: its trials are listed flat, each drawn in the
-charts; `runsHiddenMode: SHOW_ALL` keeps the charts from stopping at the first 10 runs.
+charts; `runsHiddenMode: SHOW_ALL` keeps the charts from stopping at the first 10 runs. The view's
+charts search (`chartsSearchFilter`, a regular expression in the UI) opens on the probe curves, `^logp/`
+(otherwise the first section is alphabetical: `argmax_logp`); clearing the search box shows every chart.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Sequence
 from infra.tracking import Tracker, compare_runs_url, markdown_table, run_url, runs_view_url, ui_base_url
 
 TABLE_CATEGORIES = ("chosen", "rejected", "greedy", "nonresponse")
+CURVES_FIRST = "^logp/"  # the charts a researcher came for: the per-category log-prob curves
 
 
 def share_key(parent_run_id: str) -> str:
@@ -27,7 +30,7 @@ def sweep_view(parent_run_id: str) -> dict:
     (Sorting by start time would nest them again: the UI nests under a filter when the order is by date.)"""
     return {"orderByKey": "tags.`mlflow.runName`", "orderByAsc": True,  # the UI's own key of its "Run Name" sort
             "searchFilter": f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = 'sweep'",
-            "runsHiddenMode": "SHOW_ALL"}
+            "runsHiddenMode": "SHOW_ALL", "chartsSearchFilter": CURVES_FIRST}
 
 
 def sweep_description(name: str, table: Sequence[dict], searched: Sequence[str], figures: Sequence[str],

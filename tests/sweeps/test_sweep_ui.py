@@ -52,6 +52,7 @@ def test_finished_sweep_describes_itself_and_saves_an_unfolded_view(finished_swe
     view = json.loads(tracker.client.get_experiment(experiment).tags[SHARED_VIEW_PREFIX + share_key(parent)])
     assert view["searchFilter"] == f"tags.mlflow.parentRunId = '{parent}' and tags.stage = 'sweep'"
     assert view["runsHiddenMode"] == "SHOW_ALL"
+    assert view["chartsSearchFilter"] == "^logp/"  # the UI reads it as a regular expression: only logp/<category>
     assert {r.info.run_id for r in tracker.client.search_runs([experiment], view["searchFilter"])} == set(trials)
     lines = format_sweep_links(uri, parent, trials).splitlines()
     assert [line.split(":")[0].strip() for line in lines] == ["runs", "parent run", "compare trials"]
