@@ -132,6 +132,9 @@ class WeightBroadcaster:
         self.port = self._listener.getsockname()[1]
         self.store = dist.TCPStore(host, self.port, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
                                    wait_for_workers=False, master_listen_fd=self._listener.fileno())
+        # the store now owns the descriptor and closes it with itself: the socket object must not close it again
+        # (a second close would hit whatever file reused that number)
+        self._listen_fd = self._listener.detach()
         self.group: dist.ProcessGroup | None = None
 
     @property
@@ -152,5 +155,5 @@ class WeightBroadcaster:
             raise RuntimeError(f"{acknowledged - 1} of {self.world_size - 1} receivers acknowledged the weights")
 
     def close(self) -> None:
+        """Drop the group and the store (which closes the listening socket)."""
         self.group = self.store = None
-        self._listener.close()

@@ -114,3 +114,26 @@ def test_a_receiver_that_never_joins_fails_connect_within_the_timeout(tmp_path):
     with pytest.raises(RuntimeError):
         sender.connect()
     assert time.perf_counter() - started < 3 + 5
+
+
+def test_close_leaves_other_files_alone():
+    """The TCP store owns the listening descriptor and closes it with itself; close() must not close that
+    number a second time (it may belong to another file by then)."""
+    import gc
+    import os
+
+    from rollout.weight_broadcast import WeightBroadcaster
+
+    broadcaster = WeightBroadcaster(world_size=2, timeout_s=5)
+    listen_fd = broadcaster._listen_fd
+    broadcaster.close()
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(listen_fd)  # the store closed it
+    other = os.open(os.devnull, os.O_RDONLY)  # a new file may take the freed number
+    try:
+        second = WeightBroadcaster(world_size=2, timeout_s=5)
+        second.close()
+        os.fstat(other)  # still open
+    finally:
+        os.close(other)
