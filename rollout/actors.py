@@ -14,14 +14,10 @@ from typing import Any, Mapping, Sequence
 
 import ray
 
-from rollout.interface import (RolloutBatch, SamplingParams, checksums_match, gather_shares, generate_share,
-                               split_request, state_checksum)
+from rollout.interface import (RolloutBatch, RolloutError, SamplingParams, checksums_match, gather_shares,  # noqa: F401  (RolloutError: its old home)
+                               generate_share, split_request, state_checksum)
 from infra import storage
 from trainers.config import RolloutSettings
-
-
-class RolloutError(RuntimeError):
-    pass
 
 
 @dataclass

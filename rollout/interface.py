@@ -14,6 +14,10 @@ from typing import Any, Mapping, Protocol, Sequence
 from trainers.data.seeds import derive_seed
 
 
+class RolloutError(RuntimeError):
+    """A rollout engine or actor failed, timed out, or does not hold the weights it should."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 32

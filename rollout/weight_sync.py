@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from rollout.actors import RolloutError
+from rollout.interface import RolloutError  # not rollout.actors: an in-process pool must not import Ray
 
 Sync = Callable[[Mapping[str, Any], int], float]   # (state_dict, version) -> seconds
 

@@ -82,6 +82,10 @@ class PolicyTrainer:
 
             self.strategy = ZeroStrategy(config)
         self.pool = pool             # a rollout pool (Ray actors or in-process engines), or None: decode here
+        # rank 0: the metric rows reported with the latest checkpoint, saved in it; a resumed run reports them
+        # again (the trial logs only steps it has not logged), so a driver killed between Train keeping the
+        # checkpoint and the trial logging its rows loses no step
+        self.reported_history: list[dict] = []
         self.policy_version = -1     # the step whose weights the actors hold
         self.last_sync_s = 0.0
         self._weight_sync = None     # rank 0: the sync call --weight-sync chose (rollout.weight_sync), made at first use
@@ -185,7 +189,7 @@ class PolicyTrainer:
         """`rollout/probe_mismatch_*`: every engine and this trainer score the same fixed probe responses
         (chosen and rejected of the first `rollout.mismatch_prompts` prompts) right after a sync."""
         count = min(self.config.rollout.mismatch_prompts, len(self.probes.prompt_ids))
-        if not count:
+        if not count or not getattr(self.pool, "num_engines", 0):
             return {}
         from rollout.mismatch import probe_mismatch
         from trainers.model.logprobs import score_responses
@@ -328,13 +332,14 @@ class PolicyTrainer:
         if self.strategy is not None:
             raise RuntimeError("under DeepSpeed every rank holds a shard of the state: use save_checkpoint(directory)")
         return {"model": lora.checkpoint_state(unwrap(self.model)), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step}
+                "scheduler": self.scheduler.state_dict(), "step": self.step, "reported_history": self.reported_history}
 
     def load_state_dict(self, state: dict) -> None:
         lora.load_checkpoint_state(unwrap(self.model), state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
+        self.reported_history = list(state.get("reported_history", []))
 
     @property
     def checkpoint_on_every_rank(self) -> bool:
@@ -347,7 +352,7 @@ class PolicyTrainer:
             with storage.atomic_path(Path(directory) / STATE_FILE) as staging:
                 torch.save(self.state_dict(), staging)
         else:
-            self.strategy.save_checkpoint(self.model, directory, {"step": self.step})
+            self.strategy.save_checkpoint(self.model, directory, {"step": self.step, "reported_history": self.reported_history})
 
     def load_checkpoint(self, directory: str | Path) -> None:
         """Restore what save_checkpoint wrote (every rank reads the merged folder). DeepSpeed needs its
@@ -357,7 +362,9 @@ class PolicyTrainer:
             self.load_state_dict(read_state(Path(directory) / STATE_FILE))
             return
         self._distribute()
-        self.step = self.strategy.load_checkpoint(self.model, directory)["step"]
+        client_state = self.strategy.load_checkpoint(self.model, directory)
+        self.step = client_state["step"]
+        self.reported_history = list(client_state.get("reported_history", []))
 
     def load_latest_readable_checkpoint(self, directories: Sequence[str | Path]) -> str | Path:
         """Restore the newest of `directories` (newest first) that reads; each one skipped is named in a

@@ -14,6 +14,8 @@ trial then fails its run once, as it does a diverged one, and neither Train nor 
 """
 from __future__ import annotations
 
+import json
+
 import time
 
 _IMPORTS_STARTED_AT = time.time()  # noqa: E402  (the imports below are timed for the trial breakdown)
@@ -171,7 +173,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     nodes = worker_nodes()  # every rank takes part; rank 0's first report carries them
     timings.prepared_at = time.time()
 
-    pending: list[dict] = []   # per-step metrics not yet reported; each report ships them all
+    # per-step metrics not yet reported; each report ships them all. A resumed run starts with the rows its
+    # checkpoint was reported with: the trial logs only those it has not logged yet
+    pending: list[dict] = list(trainer.reported_history) if resumed_from is not None and rank == 0 else []
 
     def report(records: list[dict] | None, save: bool, final: bool, non_finite: str | None = None) -> None:
         nonlocal nodes
@@ -197,6 +201,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         pending.clear()
         started = time.time()
         if save and (rank == 0 or trainer.checkpoint_on_every_rank):
+            if rank == 0:
+                # kept in the checkpoint (see PolicyTrainer.reported_history), as plain values: it is loaded weights_only
+                trainer.reported_history = json.loads(json.dumps(sent.history, default=float))
             with tempfile.TemporaryDirectory() as directory:
                 trainer.save_checkpoint(directory)
                 ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(directory))

@@ -55,6 +55,8 @@ def _config(probe_dir: str, **overrides) -> dict:
 class _RecordingPool:
     """Stands in for the rollout actors: keeps what sync_weights pushes."""
 
+    num_engines = 0  # nothing to score the probe mismatch with
+
     def __init__(self):
         self.pushed = None
 
