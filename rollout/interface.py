@@ -103,13 +103,13 @@ class RolloutPoolLike(Protocol):
     def shutdown(self) -> None: ...
 
 
-def state_checksum(state_dict: Mapping[str, Any]) -> float:
-    """float64 sum of every tensor: what the sender computes and each engine computes on what it loaded."""
-    return float(sum(t.detach().double().sum().item() for t in state_dict.values()))
-
-
 def tensors_checksum(tensors) -> float:
+    """float64 sum of every tensor: what the sender computes and each engine computes on what it loaded."""
     return float(sum(t.detach().double().sum().item() for t in tensors))
+
+
+def state_checksum(state_dict: Mapping[str, Any]) -> float:
+    return tensors_checksum(state_dict.values())
 
 
 def checksums_match(received: float, sent: float) -> bool:
