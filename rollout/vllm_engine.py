@@ -139,7 +139,9 @@ class VLLMEngine:
 
     def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> list[int]:
         """Blocks until rank 0 and every other receiver have joined (see rollout.weight_broadcast)."""
-        return self.llm.collective_rpc("join_weight_group", args=(host, port, rank_offset, world_size, timeout_s))
+        ranks = self.llm.collective_rpc("join_weight_group", args=(host, port, rank_offset, world_size, timeout_s))
+        self._in_weight_group = True
+        return ranks
 
     def receive_broadcast(self, buckets: list, version: int) -> None:
         """Take part in rank 0's broadcast of the buckets planned by `weight_broadcast.plan_buckets`."""
@@ -162,6 +164,12 @@ class VLLMEngine:
     def shutdown(self) -> None:
         """Stop the engine core process now (not at garbage collection)."""
         llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None and getattr(self, "_in_weight_group", False):
+            try:  # a gloo group alive when the worker exits can abort it (see weight_broadcast.join_group)
+                llm.collective_rpc("leave_weight_group", timeout=30)
+            except Exception:  # a broken engine is being shut down anyway
+                pass
+            self._in_weight_group = False
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
         if getattr(self, "_temporary_folder", None):
