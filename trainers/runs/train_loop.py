@@ -44,7 +44,7 @@ _IMPORTS_DONE_AT = time.time()
 FAULT_STEP_ENV, FAULT_MARKER_ENV = "PROBESWEEP_FAULT_AT_STEP", "PROBESWEEP_FAULT_MARKER_DIR"
 
 
-def _inject_fault_once(step: int, run_name: str) -> None:
+def _inject_fault_once(step: int, run_name: str, checkpoint_every: int) -> None:
     """Fault injection for recovery tests: with PROBESWEEP_FAULT_AT_STEP=n and a marker folder set,
     rank 0 of each run dies (as a killed process would) the first time it reaches step n."""
     fault_step, marker_dir = os.environ.get(FAULT_STEP_ENV), os.environ.get(FAULT_MARKER_ENV)
@@ -52,8 +52,31 @@ def _inject_fault_once(step: int, run_name: str) -> None:
         return
     marker = Path(marker_dir) / run_name
     if not marker.exists():
+        _wait_for_registered_checkpoint(step - 1 - (step - 1) % checkpoint_every)
         marker.write_text(f"killed at step {step}")
         os._exit(1)
+
+
+def _wait_for_registered_checkpoint(checkpoint_step: int, timeout_s: float = 120.0) -> None:
+    """Ray Train registers a reported checkpoint only when its controller polls the report; a worker that
+    dies within a poll or so of reporting can lose it (seen: the restarted group began from scratch). The
+    injected crash is meant to come after the checkpoint is registered, so it waits until Train's own
+    checkpoint_manager_snapshot.json lists that step."""
+    if checkpoint_step <= 0:
+        return
+    storage = ray.train.get_context().get_storage()
+    path = f"{storage.experiment_fs_path}/checkpoint_manager_snapshot.json"
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            with storage.storage_filesystem.open_input_stream(path) as stream:
+                results = json.loads(stream.read()).get("checkpoint_results", [])
+            if any(r.get("metrics", {}).get("step", -1) >= checkpoint_step for r in results):
+                return
+        except (OSError, ValueError):  # FileNotFoundError is an OSError
+            pass  # not written yet, or caught mid-write
+        time.sleep(0.2)
+    raise RuntimeError(f"fault injection: the step-{checkpoint_step} checkpoint was not registered in {timeout_s:.0f} s")
 
 
 def worker_nodes() -> list[str]:
@@ -219,7 +242,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         report(records, save=False, final=False)
     while trainer.step < config.max_steps:
         if rank == 0:
-            _inject_fault_once(trainer.step + 1, context.get_experiment_name())
+            _inject_fault_once(trainer.step + 1, context.get_experiment_name(), config.checkpoint_every)
         started = time.time()
         metrics = {"step": trainer.step + 1, **trainer.train_step()}
         timings.steps_s += time.time() - started
