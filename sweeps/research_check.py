@@ -138,12 +138,22 @@ def run_model(args: argparse.Namespace) -> dict:
     checks = (sft_checks(rows["sft"]) if rows["sft"] else [not_run("sft.*", "SFT")])
     checks += dpo_checks(rows["dpo"]) if rows["dpo"] else [not_run("dpo.*", "DPO")]
     checks += ppo_checks(ppo_runs) if ppo_runs else [not_run("ppo.*", "PPO")]
-    return {"model": args.model, "lora_rank": args.lora_rank, "timings": timings,
+    return {"model": args.model, "lora_rank": args.lora_rank, "about": model_description(args.model), "timings": timings,
             "sizes": {k: getattr(args, k) for k in ("sft_steps", "sft_lr", "dpo_steps", "dpo_lr", "betas", "ppo_steps",
                                                     "ppo_lr", "kl_coefs", "seeds", "probe_prompts", "workers")},
             "checks": [c.to_dict() for c in checks],
             "runs": {"sft": [numbers_only(r) for r in rows["sft"] or []], "dpo": [numbers_only(r) for r in rows["dpo"] or []],
                      "ppo": ppo_runs}}
+
+
+def model_description(model: str) -> str:
+    """What the weights are, so a table never passes a dequantized or random-init model off as the original."""
+    from trainers.model.factory import TINY_PYTHIA_SIZES
+    from trainers.model.pretrained import PRETRAINED_MODELS
+
+    if model in PRETRAINED_MODELS:
+        return PRETRAINED_MODELS[model].description
+    return "random-init built-in GPT-NeoX model" if model in TINY_PYTHIA_SIZES else "Hugging Face model " + model
 
 
 def _short(value) -> str:
@@ -161,9 +171,10 @@ def markdown(report: dict) -> str:
              "first probe log-prob of a trial, nats summed over the response). Sizes are in research_check.json.", ""]
     for model in report["models"].values():
         lines += [f"## {model['model']}" + (f" (LoRA rank {model['lora_rank']})" if model["lora_rank"] else ""), "",
+                  *([f"Weights: {model['about']}.", ""] if model.get("about") else []),
                   "| check | result | measured | note |", "|---|---|---|---|"]
         for check in model["checks"]:
-            result = "not run" if check["passed"] is None else "pass" if check["passed"] else "**fail**"
+            result = "not measured" if check["passed"] is None else "pass" if check["passed"] else "**fail**"
             lines.append(f"| {check['name']} | {result} | "
                          f"{_short(check['numbers'])} | {check['note']} |")
         lines.append("")
@@ -179,26 +190,33 @@ def figure(report: dict, path: Path) -> None:
     models = list(report["models"].values())
     fig, axes = plt.subplots(len(models), 3, figsize=(15, 4 * len(models)), squeeze=False)
     categories = ("chosen", "rejected", "paraphrase_chosen", "paraphrase_rejected", "variant", "random", "nonresponse", "greedy")
+    ticks = range(len(categories))
     for row, model in zip(axes, models):
         sft_rows = model["runs"]["sft"]
         if sft_rows:
-            row[0].bar(categories, [sum(r.get(f"delta/{c}", 0) for r in sft_rows) / len(sft_rows) for c in categories])
+            row[0].bar(ticks, [sum(r.get(f"delta/{c}", 0) for r in sft_rows) / len(sft_rows) for c in categories])
         row[0].set_title(f"{model['model']}: SFT, Δ log p per category")
-        width = 0.8 / max(1, len(model["runs"]["dpo"]))
-        for i, r in enumerate(model["runs"]["dpo"]):
-            row[1].bar([j + i * width for j in range(len(categories))], [r.get(f"delta/{c}", 0) for c in categories],
-                       width, label=f"β={r['beta']} sft={r['sft_recipe']}")
-        row[1].set_xticks(range(len(categories)), categories)
-        row[1].set_title("DPO, Δ log p per category")
-        if model["runs"]["dpo"]:
+        dpo_rows = sorted(model["runs"]["dpo"], key=lambda r: (r["sft_recipe"], float(r["beta"])))
+        width = 0.8 / max(1, len(dpo_rows))
+        for i, r in enumerate(dpo_rows):
+            row[1].bar([j - 0.4 + (i + 0.5) * width for j in ticks], [r.get(f"delta/{c}", 0) for c in categories],
+                       width, label=f"β={r['beta']} after SFT on {r['sft_recipe']}")
+        row[1].set_title(f"{model['model']}: DPO, Δ log p per category")
+        if dpo_rows:
             row[1].legend(fontsize=7)
         for r in model["runs"]["ppo"]:
-            row[2].plot(r["reward"], label=f"kl_coef={r['kl_coef']} seed={r['seed']}")
-        row[2].set_title("PPO: mean reward per step")
+            row[2].plot(range(1, len(r["reward"]) + 1), r["reward"], label=f"kl_coef={r['kl_coef']} seed={r['seed']}")
+        row[2].set_title(f"{model['model']}: PPO, mean reward per step")
+        row[2].set_xlabel("step")
         if model["runs"]["ppo"]:
             row[2].legend(fontsize=7)
+        for ax, phase in zip(row, ("sft", "dpo", "ppo")):
+            if not model["runs"][phase]:  # an empty panel says why rather than showing bare axes
+                ax.text(0.5, 0.5, f"{phase.upper()} not measured for this model", ha="center", va="center",
+                        transform=ax.transAxes)
         for ax in row[:2]:
-            ax.tick_params(axis="x", rotation=45)
+            ax.set_xticks(ticks, categories, rotation=40, ha="right")
+            ax.set_ylabel("Δ log p (nats, final − first)")
             ax.axhline(0, color="black", linewidth=0.5)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -211,7 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "research_check.json"
     report = json.loads(json_path.read_text()) if json_path.exists() else {"models": {}}
-    report["models"][args.model] = run_model(args)
+    earlier = report["models"].get(args.model, {})
+    entry = report["models"][args.model] = run_model(args)
+    # the timings of phases not run now stay: the report reads every finished phase from the store
+    entry["timings"] = {**earlier.get("timings", {}), **entry["timings"]}
+    if args.report_only and "provenance" in earlier:  # nothing ran: the runs behind the numbers are the same
+        entry["provenance"] = earlier["provenance"]
+    for name, model in report["models"].items():  # entries written before the description was recorded
+        model.setdefault("about", model_description(name))
     json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out / "research_check.md").write_text(markdown(report) + "\n")
     figure(report, out / "research_check.png")

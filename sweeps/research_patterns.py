@@ -76,15 +76,19 @@ def dpo_checks(rows: list[dict]) -> list[Check]:
               "; ".join(f"β={b}: greedy fell ({v:+.1f}); the decode changes between evaluations, so its Δ compares "
                         "different texts" for b, v in greedy.items() if v <= 0)),
     ]
+    margins = {b: chosen[b] - rejected[b] for b in betas}
     if len(betas) >= 3:
-        margins = [chosen[b] - rejected[b] for b in betas]
-        steps = [b - a for a, b in zip(margins, margins[1:])]
+        gaps = list(margins.values())
+        steps = [b - a for a, b in zip(gaps, gaps[1:])]
         monotone = all(s > 0 for s in steps) or all(s < 0 for s in steps)
         direction = "grows" if steps and steps[0] > 0 else "shrinks"
-        checks.append(Check("dpo.beta_dependence", "the chosen-rejected log-prob gap changes monotonically with β",
-                            monotone, {"betas": betas, "margin_by_beta": dict(zip(betas, margins)),
-                                       "delta_rejected_by_beta": rejected},
-                            f"the gap {direction} with β" if monotone else "the gap is not monotone in β at this size"))
+        passed, numbers = monotone, {"betas": betas, "margin_by_beta": margins, "delta_rejected_by_beta": rejected}
+        note = f"the gap {direction} with β" if monotone else "the gap is not monotone in β at this size"
+    else:  # two points are always monotone: a check that cannot fail is not reported as a pass
+        passed, numbers = None, {"betas": betas, "margin_by_beta": margins}
+        note = f"not measured: monotonicity needs at least 3 β values, this sweep ran {len(betas)}"
+    checks.append(Check("dpo.beta_dependence", "the chosen-rejected log-prob gap changes monotonically with β",
+                        passed, numbers, note))
     if both_rows:
         common = sorted({float(r["beta"]) for r in both_rows} & set(betas))
         softer = {b: _mean([r for r in both_rows if float(r["beta"]) == b], "chosen") for b in common}
@@ -123,4 +127,8 @@ def ppo_checks(runs: list[dict]) -> list[Check]:
         checks.append(Check("ppo.kl_grows_more_with_smaller_coef",
                             "the policy's KL to the reference ends higher with a smaller KL coefficient",
                             final_kl[coefs[0]] > final_kl[coefs[-1]], {"final_kl_by_coef": final_kl}))
+        if not checks[-1].passed:
+            checks[-1].note = ("a KL estimate at or below 0: the policy has hardly left the reference, so the "
+                               "estimates are sampling noise" if min(final_kl.values()) <= 0
+                               else "KL ended higher with the larger coefficient")
     return checks

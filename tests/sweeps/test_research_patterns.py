@@ -40,6 +40,9 @@ def test_dpo_checks_squeezing_beta_and_recipe():
     result = by_name(dpo_checks(no_squeeze))
     assert result == {"dpo.rejected_falls_most": True, "dpo.chosen_falls_too": False, "dpo.greedy_rises": False,
                       "dpo.beta_dependence": False, "dpo.sft_both_softens_squeezing": False}
+    # two β values are always monotone: the check is reported as not measured, not as a pass
+    two = by_name(dpo_checks([dpo_row(0.1, "chosen", -3, -30), dpo_row(0.5, "chosen", -3, -30.01)]))
+    assert two["dpo.beta_dependence"] is None
     # rejected must be the lowest category: a paraphrase falling further fails the check
     assert not by_name(dpo_checks([dpo_row(0.1, "chosen", -0.2, -0.8)]))["dpo.rejected_falls_most"]
 
@@ -54,6 +57,10 @@ def test_ppo_checks_reward_gain_and_kl_order():
     assert by_name(ppo_checks(flat))["ppo.reward_rises"] is False
     swapped = [dict(runs[0], kl=[1] * 5), dict(runs[1], kl=[4] * 5)]
     assert by_name(ppo_checks(swapped))["ppo.kl_grows_more_with_smaller_coef"] is False
+    assert ppo_checks(swapped)[-1].note == "KL ended higher with the larger coefficient"
+    noise = [dict(runs[0], kl=[-0.04] * 5), dict(runs[1], kl=[-0.001] * 5)]  # k1 estimates of an unmoved policy
+    assert by_name(ppo_checks(noise))["ppo.kl_grows_more_with_smaller_coef"] is False
+    assert "sampling noise" in ppo_checks(noise)[-1].note
     assert window_gain(rising) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         window_gain([1.0] * 9)
