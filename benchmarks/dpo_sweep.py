@@ -179,8 +179,8 @@ def compare_metrics(a: dict[float, dict[str, float]], b: dict[float, dict[str, f
 # the spans of one trial, in order, and what each covers (sequential: they add up to the trial's wall time
 # apart from "unaccounted"); timestamps come from the trial process and from rank 0 of its workers
 SPANS = {
-    "trial_process_start_s": "trial process created -> run_trial entered (process start, sweeps.trial imports, "
-                             "Tune's set-up; large when Ray reuses a process started earlier)",
+    "trial_process_start_s": "trial process created, or in a process Tune reused the previous trial's return -> "
+                             "run_trial entered (process start, sweeps.trial imports, Tune's set-up)",
     "mlflow_run_setup_s": "run_trial entered -> TorchTrainer built (MLflow child run, params, config and manifest)",
     "worker_group_start_s": "fit() called -> worker loop entered (Train controller, worker processes, train_loop "
                             "imports, torch.distributed set-up)",

@@ -121,4 +121,13 @@ def tune_settings(config: SweepConfig) -> dict:
               f"each needs {threads_per_trial(config)} busy thread(s) and Ray has {cores:g} CPUs "
               "(raise --num-cpus to oversubscribe on purpose)", flush=True)
     return {"search_alg": search_algorithm(config), "scheduler": scheduler(config),
-            "num_samples": config.num_samples, "max_concurrent_trials": concurrent}
+            "num_samples": config.num_samples, "max_concurrent_trials": concurrent,
+            "reuse_actors": reuses_trial_processes(config)}
+
+
+def reuses_trial_processes(config: SweepConfig) -> bool:
+    """Tune hands the next trial a finished trial's process (a process start and the trial imports saved per
+    trial; run_trial keeps no state between trials) — only where every trial runs to its end: a trial that
+    ASHA or the stopper ended mid-fit had its process reused and then killed with the trial's placement
+    group (ActorDiedError in test_seed_sweep)."""
+    return config.scheduler == "fifo" and config.stop_fall_from_peak is None

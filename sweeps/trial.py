@@ -7,6 +7,7 @@ fits a TorchTrainer; worker reports reach Tune through `TuneReportCallback` and 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, replace
 
@@ -160,9 +161,22 @@ def stop_reason(tags: dict) -> str | None:
     return None
 
 
+_previous_trial_returned_at = 0.0  # time.time() when run_trial last returned or raised in this process
+
+
 def run_trial(trial_config: dict) -> None:
     """Tune function trainable: one MLflow child run, one TorchTrainer fit."""
-    timings = {"process_started_at": process_started_at(), "started_at": time.time()}
+    global _previous_trial_returned_at
+    try:
+        _run_trial(trial_config)
+    finally:
+        _previous_trial_returned_at = time.time()
+
+
+def _run_trial(trial_config: dict) -> None:
+    # in a process Tune reuses, this trial's start-up begins when the previous trial returned
+    timings = {"process_started_at": max(process_started_at() or 0.0, _previous_trial_returned_at) or None,
+               "started_at": time.time(), "pid": os.getpid()}
     ctx: TrialContext = trial_config["context"]
     searched = {k: trial_config[k] for k in SEARCHABLE if k in trial_config}
     config = trial_settings(trial_config["train"], searched, ctx)

@@ -9,7 +9,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from sweeps.config import SweepConfig, parse_config
 from sweeps.context import TrialContext
-from sweeps.search import search_space, searched_values, tune_settings, warmup_key
+from sweeps.search import reuses_trial_processes, search_space, searched_values, tune_settings, warmup_key
 from sweeps.stages import trial_resources
 from sweeps.trial import trial_run_name, trial_settings, worker_resources
 from trainers.config import TrainConfig
@@ -115,3 +115,9 @@ def test_a_file_store_on_a_cluster_gets_a_warning(capsys):
     assert warn_if_store_is_node_local("mlruns", "10.0.0.1:6379")
     assert not warn_if_store_is_node_local("http://10.0.0.1:5000", "auto")
     assert not warn_if_store_is_node_local("sqlite:////tmp/x/mlflow.db", None)  # one machine: the default is right
+
+
+def test_trial_processes_are_reused_only_where_every_trial_runs_to_its_end():
+    assert tune_settings(SweepConfig())["reuse_actors"] is True
+    assert not reuses_trial_processes(SweepConfig(scheduler="asha"))
+    assert not reuses_trial_processes(SweepConfig(stop_fall_from_peak=0.5))

@@ -76,6 +76,22 @@ def test_one_parent_and_a_child_per_beta(sweep):
     assert not outcome.failed_trials
 
 
+def test_the_second_trial_ran_in_the_first_trials_process(sweep):
+    """Tune reuses the finished trial's process (the trials run one at a time on 2 cores): the second trial
+    pays no process start, and its breakdown's start span counts from the first trial's return."""
+    import json
+
+    from sweeps.trial import TRIAL_TIMINGS_TAG
+
+    outcome, tracker, _ = sweep
+    _, runs = _children(outcome, tracker)
+    first, second = sorted((json.loads(r.data.tags[TRIAL_TIMINGS_TAG]) for r in runs if r.data.tags["stage"] == "sweep"),
+                           key=lambda timings: timings["started_at"])
+    assert second["started_at"] > first["ended_at"]  # one at a time
+    assert second["pid"] == first["pid"]
+    assert first["ended_at"] <= second["process_started_at"] < second["started_at"]
+
+
 def test_every_category_curve_and_one_point_per_step(sweep):
     outcome, tracker, markers = sweep
     _, runs = _children(outcome, tracker)
