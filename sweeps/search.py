@@ -127,7 +127,7 @@ def tune_settings(config: SweepConfig) -> dict:
 
 def reuses_trial_processes(config: SweepConfig) -> bool:
     """Tune hands the next trial a finished trial's process (a process start and the trial imports saved per
-    trial; run_trial keeps no state between trials) — only where every trial runs to its end: a trial that
-    ASHA or the stopper ended mid-fit had its process reused and then killed with the trial's placement
-    group (ActorDiedError in test_seed_sweep)."""
+    trial; run_trial keeps no state between trials) — only where every trial runs to its end: by Tune's code,
+    it would cache a stopped trial's process while that trial's fit still runs there (its stop does not
+    end the Train run), so the stopped run would train on until the process is handed on or dropped."""
     return config.scheduler == "fifo" and config.stop_fall_from_peak is None

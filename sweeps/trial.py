@@ -161,6 +161,25 @@ def stop_reason(tags: dict) -> str | None:
     return None
 
 
+def tune_session():
+    """This trial's Tune session (None outside Tune), kept so that its end can be told later."""
+    from ray.train._internal.session import get_session
+
+    return get_session()
+
+
+def tune_stopped(session) -> bool:
+    """Whether Tune has stopped the trial of `session` (a stopper, ASHA): Tune then removes the trial's
+    placement group, and the fit still running in this process dies with an ActorDiedError that is not
+    the trial's failure (test_seed_sweep in CI: a stopped trial's run marked FAILED when this thread won
+    the race against the process's end). Tune's stop sets the session's stop event and shuts the session
+    down, so `session` must be the one taken when the trial began; Ray has no public call for this (Ray
+    2.60 pinned; tests/sweeps/test_stoppers.py checks it on a real Tune run)."""
+    from ray.train._internal.session import get_session
+
+    return session is not None and (get_session() is not session or session.stop_event.is_set())
+
+
 _previous_trial_returned_at = 0.0  # time.time() when run_trial last returned or raised in this process
 
 
@@ -177,6 +196,7 @@ def _run_trial(trial_config: dict) -> None:
     # in a process Tune reuses, this trial's start-up begins when the previous trial returned
     timings = {"process_started_at": max(process_started_at() or 0.0, _previous_trial_returned_at) or None,
                "started_at": time.time(), "pid": os.getpid()}
+    session = tune_session()
     ctx: TrialContext = trial_config["context"]
     searched = {k: trial_config[k] for k in SEARCHABLE if k in trial_config}
     config = trial_settings(trial_config["train"], searched, ctx)
@@ -227,8 +247,11 @@ def _run_trial(trial_config: dict) -> None:
     try:
         trainer.fit()
     except Exception as error:
-        tracker.set_tags(run_id, {FAILURE_TAG: one_line(error)})
-        tracker.end_run(run_id, failed=True)
+        if tune_stopped(session):  # its run stays RUNNING: the driver marks it KILLED and says by what
+            print(f"{run_name}: stopped by Tune; its fit ended with {type(error).__name__}", flush=True)
+        else:
+            tracker.set_tags(run_id, {FAILURE_TAG: one_line(error)})
+            tracker.end_run(run_id, failed=True)
         raise
     finally:
         if pool is not None:

@@ -89,3 +89,62 @@ def test_real_tune_run_stops_where_the_flag_says(local_ray, tmp_path):
                          run_config=tune.RunConfig(storage_path=str(tmp_path), name="stop", verbose=0, stop=stopper)).fit()
     last = {r.config["curve"]: (r.metrics["step"], r.metrics["logp/chosen"]) for r in results}
     assert last == {"falls": (40, -39.5), "rises": (30, -37.0)}
+
+
+@pytest.mark.ray
+def test_a_trial_tune_stopped_reads_stopped_and_a_running_one_does_not(local_ray, tmp_path):
+    """sweeps.trial.tune_stopped on a real Tune run. Each trial has a sweep trial's shape: its thread waits
+    on an actor (the Train controller's place) that sends the report through the Tune session's
+    inter-actor queue, as Ray Train's TuneReportCallback does. The stopper ends both trials at that report;
+    Tune removes their placement groups, the actor dies and the wait fails, which sweeps/trial.py must not
+    record as the trial's failure. A watcher thread writes what tune_stopped says before and after."""
+    import json
+    import threading
+    import time
+
+    import ray
+    from ray import tune
+
+    from sweeps.trial import tune_stopped
+
+    out = tmp_path / "watch.jsonl"
+
+    def trainable(config):
+        from ray.train._internal.session import get_session
+
+        from sweeps.trial import tune_session, tune_stopped
+
+        session = tune_session()
+
+        def watch():
+            with open(config["out"], "a") as handle:
+                handle.write(json.dumps({"trial": config["i"], "before": tune_stopped(session)}) + "\n")
+            deadline = time.time() + 60
+            while time.time() < deadline and not tune_stopped(session):
+                time.sleep(0.001)
+            with open(config["out"], "a") as handle:
+                handle.write(json.dumps({"trial": config["i"], "after": tune_stopped(session)}) + "\n")
+
+        @ray.remote(num_cpus=0)
+        class Reporter:
+            def run(self, queue):
+                queue.put({"x": 1})
+                time.sleep(60)
+
+        queue = get_session()._get_or_create_inter_actor_queue()
+        threading.Thread(target=watch, daemon=True).start()
+        ray.get(Reporter.remote().run.remote(queue))
+
+    results = tune.Tuner(tune.with_resources(trainable, {"cpu": 0.01}),
+                         param_space={"i": tune.grid_search([0, 1]), "out": str(out)},
+                         tune_config=tune.TuneConfig(max_concurrent_trials=2, reuse_actors=False),
+                         run_config=tune.RunConfig(stop=lambda trial_id, result: result.get("x") == 1,
+                                                   storage_path=str(tmp_path / "tune"), verbose=0)).fit()
+    assert [r.error for r in results] == [None, None]  # Tune counts both as stopped, not failed
+    deadline = time.time() + 30  # the watcher writes from the trial's process, which may outlive fit()
+    while time.time() < deadline and len(out.read_text().splitlines()) < 4:
+        time.sleep(0.2)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((r["trial"], r["before"]) for r in rows if "before" in r) == [(0, False), (1, False)]
+    assert sorted((r["trial"], r["after"]) for r in rows if "after" in r) == [(0, True), (1, True)]
+    assert tune_stopped(None) is False  # outside Tune (no session) nothing is ever "stopped"
